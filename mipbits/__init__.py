@@ -1,0 +1,1 @@
+"""The composition root: the ``mipbits`` command wires ``bits`` and ``mobility`` together."""
