@@ -18,7 +18,16 @@ class MobilityError(Exception):
 
 
 class ParseError(MobilityError, _bits_errors.ParseError):
-    """Truncated or malformed wire input (Mobility Header, mobility option, IPv6 extension header)."""
+    """Truncated or malformed wire input (Mobility Header, mobility option, IPv6 extension header).
+
+    ``pointer``, when set, is the offset inside the Mobility Header of the offending field, for the
+    ICMPv6 Parameter Problem (code 0) that RFC 6275 9.2 asks for when Payload Proto is not 59
+    (pointer 0) or Header Len is too small for the message type (pointer 1).
+    """
+
+    def __init__(self, message: str, *, pointer: int | None = None) -> None:
+        super().__init__(message)
+        self.pointer = pointer
 
 
 class EncodeError(MobilityError, ValueError):

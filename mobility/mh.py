@@ -416,7 +416,7 @@ def pull_mh_header(data: bytes) -> tuple[int, int]:
         raise ParseError(f"Mobility Header truncated: {len(data)} octets")
     proto, hlen, mh_type, _reserved, _cksum = _HDR.unpack_from(data)
     if proto != IPPROTO_NONE:
-        raise ParseError(f"MH Payload Proto {proto}, expected {int(IPPROTO_NONE)}")
+        raise ParseError(f"MH Payload Proto {proto}, expected {int(IPPROTO_NONE)}", pointer=0)
     total = (hlen + 1) * MH_ALIGN
     if total != len(data):
         raise ParseError(f"MH Header Len {hlen} says {total} octets, have {len(data)}")
@@ -436,7 +436,7 @@ def pull_mh(data: bytes) -> MobilityMessage | UnknownMessage:
         return UnknownMessage(mh_type, data[HDR_LEN:])
     fixed_end = HDR_LEN + cls.FIXED_LEN
     if fixed_end > total:
-        raise ParseError(f"MH type {mh_type}: Header Len too small for the {cls.__name__} fixed part")
+        raise ParseError(f"MH type {mh_type}: Header Len too small for the {cls.__name__} fixed part", pointer=1)
     options = pull_options(data[fixed_end:total])
     return cls.pull_fixed(data[HDR_LEN:fixed_end], options)
 

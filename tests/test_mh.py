@@ -235,6 +235,19 @@ def test_malformed(data, why):
         pull_mh(data)
 
 
+def test_parameter_problem_pointers():
+    # RFC 6275 9.2: ICMP Parameter Problem points at Payload Proto (0) or Header Len (1)
+    with pytest.raises(ParseError) as exc:
+        pull_mh(bytes([6]) + BU_VECTOR[1:])
+    assert exc.value.pointer == 0
+    with pytest.raises(ParseError) as exc:
+        pull_mh(bytes.fromhex("3b00050000000000"))
+    assert exc.value.pointer == 1
+    with pytest.raises(ParseError) as exc:
+        pull_mh(BU_VECTOR[:24])
+    assert exc.value.pointer is None
+
+
 def test_encode_errors():
     for bad in (
         BindingUpdate(0x10000),
