@@ -47,7 +47,7 @@ class BindingError(MobilityError):
         except ValueError:
             status = int(status)
         if not 128 <= status <= 255:
-            raise ValueError(f"BindingError needs a rejecting BA status (128..255), got {status}")
+            raise EncodeError(f"BindingError needs a rejecting BA status (128..255), got {status}")
         self.status = status
         self.detail = detail
         name = status.name if isinstance(status, BaStatus) else "unassigned"
