@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 deps: sysdeps $(STAMP)
 
 demo: deps
-	$(PY) scripts/demo
+	PYTHON=$(PY) scripts/demo
 
 test: deps
 	$(PY) -m pytest -q -ra tests
