@@ -1,21 +1,30 @@
 """Human-readable ``mipbits status`` and ``mipbits trace tail``.
 
-Status schema (what ``Engine.status()`` returns, plus ``processor`` added by the adapter). Every key
-is optional; unknown keys are ignored, missing ones print as ``-``::
+Status schema: what ``bits.engine.Engine.status()`` returns, plus ``processor`` that the NFQUEUE
+adapter adds. Every key is optional; unknown keys are ignored, missing ones print as ``-``::
 
-    {"sas": [{"spi": 4096, "direction": "out", "mode": "tunnel", "enc": "aes-gcm-16",
-              "auth": "none", "src": "192.0.2.1", "dst": "192.0.2.2",
-              "packets": 10, "bytes": 1240, "replay_failures": 0, "auth_failures": 0,
-              "seq": 10, "esn": false, "replay_window": 64, "reqid": 1, "state": "mature",
-              "lifetime_left": {"seconds": 3590.5, "bytes": null, "packets": null}}],
-     "policies": [{"index": 0, "direction": "out", "selector": "10.0.0.1 -> 10.0.0.2 udp",
-                   "action": "protect", "spi": 4096, "reqid": 1, "hits": 10}],
+    {"sas": [{"spi": 4096, "direction": "out", "mode": "tunnel", "transform": "aes-gcm-16",
+              "src": "192.0.2.1", "dst": "192.0.2.2", "esn": false, "seq": 10,
+              "replay_window": 64, "packets": 10, "bytes": 1240, "replay_drops": 0,
+              "auth_failures": 0, "other_drops": 0, "soft_fired": false, "hard_expired": false,
+              "added_at": 1234.5,            # monotonic seconds, compared with processor.monotonic
+              "soft": {"seconds": null, "bytes": null, "packets": null},
+              "hard": {"seconds": 3600, "bytes": null, "packets": null}}],
+     "policies": {"out": [{"name": "sp1", "direction": "out",
+                           "selector": {"local": "10.0.0.1/32", "remote": "10.0.0.2/32",
+                                        "proto": 17, "local_port": "any", "remote_port": "53"},
+                           "action": "protect", "mode": "tunnel", "level": "require",
+                           "tunnel_src": "192.0.2.1", "tunnel_dst": "192.0.2.2",
+                           "reqid": null, "spi": 4096, "hits": 10}],
+                  "in": [...], "cache": {"hits": 9, "misses": 1}},
      "drops": {"replay": 2, "auth-failed": 1},
-     "processor": {"pid": 123, "role": "both", "uptime": 12.5, "reloads": 0,
+     "counts": {"out_protected": 10, "out_bypass": 0, "in_decapsulated": 9, "in_bypass": 0},
+     "processor": {"pid": 123, "role": "both", "uptime": 12.5, "monotonic": 1300.0, "reloads": 0,
                    "queues": {"0": {"direction": "out", "accepted": 3, "modified": 10,
                                     "dropped": 1, "errors": 0}}}}
 
-``selector`` may also be a dict (``src``, ``dst``, ``proto``, ``sport``, ``dport``, ...).
+``policies`` may also be a plain list of rows. With two workers ``processor`` is
+``{"role": "supervisor", "workers": {"out": {...}, "in": {...}}}``.
 The layout follows ``ip -s xfrm state`` / ``swanctl --list-sas``: one block per SA.
 """
 
@@ -60,30 +69,56 @@ def _paint(text: str, colour: str | None, on: bool) -> str:
 def render_status(status: Mapping[str, Any], colour: bool = False) -> str:
     """The text of ``mipbits status``."""
     out: list[str] = []
+    now = _monotonic(status.get("processor"))
     sas = status.get("sas") or []
     out.append(_paint(f"Security Associations ({len(sas)}):", "bold", colour))
+    for sa in sas:
+        out.extend(_sa_lines(sa, colour, now))
     if not sas:
         out.append("  none")
-    for sa in sas:
-        out.extend(_sa_lines(sa, colour))
-    policies = status.get("policies") or []
-    out.append(_paint(f"Policies ({len(policies)}):", "bold", colour))
-    if not policies:
+    rows = policy_rows(status.get("policies"))
+    out.append(_paint(f"Policies ({len(rows)}):", "bold", colour))
+    out.extend("  " + _policy_line(pol, i) for i, pol in enumerate(rows))
+    if not rows:
         out.append("  none")
-    for i, pol in enumerate(policies):
-        out.append("  " + _policy_line(pol, i))
     out.append(_paint("Drops:", "bold", colour))
     drops = {k: v for k, v in (status.get("drops") or {}).items() if v}
-    if not drops:
-        out.append("  none")
     width = max((len(k) for k in drops), default=0)
     for reason, count in sorted(drops.items(), key=lambda kv: (-kv[1], kv[0])):
         out.append(f"  {_paint(reason.ljust(width), 'red', colour)}  {count}")
+    if not drops:
+        out.append("  none")
+    counts = status.get("counts")
+    if counts:
+        out.append(_paint("Packets:", "bold", colour))
+        out.append("  " + "  ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items()))
     proc = status.get("processor")
     if proc:
         out.append(_paint("Processor:", "bold", colour))
         out.extend(_processor_lines(proc, "  "))
     return "\n".join(out) + "\n"
+
+
+def _monotonic(proc: Any) -> float | None:
+    """The processor's monotonic clock when it answered (lifetimes are measured on it)."""
+    if not isinstance(proc, Mapping):
+        return None
+    if isinstance(proc.get("monotonic"), (int, float)):
+        return float(proc["monotonic"])
+    for worker in (proc.get("workers") or {}).values():
+        found = _monotonic(worker)
+        if found is not None:
+            return found
+    return None
+
+
+def policy_rows(policies: Any) -> list[Mapping[str, Any]]:
+    """Policy rows in lookup order: outbound first, then inbound."""
+    if isinstance(policies, list):
+        return policies
+    if isinstance(policies, Mapping):
+        return [row for d in ("out", "in", "fwd") for row in (policies.get(d) or [])]
+    return []
 
 
 def render_status_json(status: Mapping[str, Any]) -> str:
@@ -102,23 +137,46 @@ def _spi(value: Any) -> str:
         return str(value)
 
 
-def _sa_lines(sa: Mapping[str, Any], colour: bool) -> list[str]:
-    transform = _get(sa, "enc")
+def _sa_lines(sa: Mapping[str, Any], colour: bool, now: float | None) -> list[str]:
+    transform = sa.get("transform") or sa.get("enc") or "-"
     if sa.get("auth") not in (None, "none"):
         transform += f"/{sa['auth']}"
     head = (f"  {_paint(_spi(sa.get('spi')), 'cyan', colour)} {_get(sa, 'direction'):<3} "
             f"{_get(sa, 'mode')} esp {transform}  {_get(sa, 'src')} -> {_get(sa, 'dst')}")
-    if sa.get("state"):
-        head += f"  [{sa['state']}]"
-    seq_label = "last seq" if sa.get("direction") == "in" else "seq"
+    state = sa.get("state") or ("expired" if sa.get("hard_expired") else "dying" if sa.get("soft_fired") else None)
+    if state:
+        head += "  " + _paint(f"[{state}]", "red" if state == "expired" else "yellow", colour)
+    seq_label = "highest seq" if sa.get("direction") == "in" else "seq"
     traffic = (f"    packets {_get(sa, 'packets')}  bytes {_get(sa, 'bytes', human_bytes)}  "
                f"{seq_label} {_get(sa, 'seq')}  replay-window {_get(sa, 'replay_window')}  "
                f"esn {'yes' if sa.get('esn') else 'no'}")
-    failures = (f"    replay failures {_get(sa, 'replay_failures')}  "
-                f"auth failures {_get(sa, 'auth_failures')}")
+    replay = sa.get("replay_drops", sa.get("replay_failures"))
+    failures = f"    replay failures {'-' if replay is None else replay}  auth failures {_get(sa, 'auth_failures')}"
+    if sa.get("other_drops"):
+        failures += f"  other drops {sa['other_drops']}"
     if sa.get("reqid") is not None:
         failures += f"  reqid {sa['reqid']}"
-    return [head, traffic, failures, f"    lifetime left: {lifetime_text(sa.get('lifetime_left'))}"]
+    left = sa["lifetime_left"] if "lifetime_left" in sa else lifetime_left(sa, sa.get("hard"), now)
+    lines = [head, traffic, failures, f"    lifetime left: {lifetime_text(left)}"]
+    soft = lifetime_left(sa, sa.get("soft"), now)
+    if isinstance(soft, Mapping) and any(v is not None for v in soft.values()) and not sa.get("soft_fired"):
+        lines[-1] += f"  (soft in {lifetime_text(soft)})"
+    return lines
+
+
+def lifetime_left(sa: Mapping[str, Any], limit: Any, now: float | None) -> Any:
+    """What is left of one lifetime limit set, from the SA's usage, age and ``now``."""
+    if not isinstance(limit, Mapping):
+        return None
+    left: dict[str, Any] = {"seconds": None, "bytes": None, "packets": None}
+    if limit.get("seconds") is not None and now is not None and sa.get("added_at") is not None:
+        left["seconds"] = max(0.0, limit["seconds"] - (now - sa["added_at"]))
+    elif limit.get("seconds") is not None:
+        left["seconds"] = f"{limit['seconds']}s total"
+    for key in ("bytes", "packets"):
+        if limit.get(key) is not None:
+            left[key] = max(0, limit[key] - int(sa.get(key) or 0))
+    return left
 
 
 def lifetime_text(left: Any) -> str:
@@ -126,8 +184,11 @@ def lifetime_text(left: Any) -> str:
     if not isinstance(left, Mapping):
         return "-" if left is None else str(left)
     parts = []
-    if left.get("seconds") is not None:
-        parts.append(human_seconds(left["seconds"]))
+    seconds = left.get("seconds")
+    if isinstance(seconds, str):
+        parts.append(seconds)
+    elif seconds is not None:
+        parts.append(human_seconds(seconds))
     if left.get("bytes") is not None:
         parts.append(human_bytes(left["bytes"]))
     if left.get("packets") is not None:
@@ -156,26 +217,32 @@ def human_bytes(n: Any) -> str:
 
 
 def _policy_line(pol: Mapping[str, Any], i: int) -> str:
-    index = pol.get("index", i)
+    name = pol.get("name", pol.get("index", i))
     sel = pol.get("selector")
     sel_text = selector_text(sel) if isinstance(sel, Mapping) else (sel or "-")
     action = _get(pol, "action")
+    if pol.get("mode"):
+        ends = f"{pol.get('tunnel_src')}-{pol.get('tunnel_dst')}" if pol.get("tunnel_src") else ""
+        action += f" esp/{pol['mode']}/{ends}/{pol.get('level', '')}".rstrip("/")
     extra = ""
     if pol.get("spi") is not None:
         extra += f"  spi {_spi(pol['spi'])}"
     if pol.get("reqid") is not None:
         extra += f"  reqid {pol['reqid']}"
-    return f"#{index:<3} {_get(pol, 'direction'):<3} {sel_text}  {action}{extra}  hits {_get(pol, 'hits')}"
+    return f"{str(name):<10} {_get(pol, 'direction'):<3} {sel_text}  {action}{extra}  hits {_get(pol, 'hits')}"
 
 
 def selector_text(sel: Mapping[str, Any]) -> str:
-    src = sel.get("src", "any")
-    dst = sel.get("dst", "any")
-    proto = sel.get("proto", "any")
-    text = f"{src} -> {dst} {proto}"
-    for key in ("sport", "dport", "icmp_type", "icmp_code", "mh_type"):
-        if sel.get(key) is not None:
-            text += f" {key} {sel[key]}"
+    """A selector dict (``local``/``remote`` from the SPD, or ``src``/``dst``) as one phrase."""
+    def end(addr_key: str, alt: str, port_key: str) -> str:
+        text = str(sel.get(addr_key, sel.get(alt, "any")))
+        port = sel.get(port_key)
+        return text if port in (None, "any") else f"{text}[{port}]"
+
+    text = f"{end('local', 'src', 'local_port')} <-> {end('remote', 'dst', 'remote_port')} {sel.get('proto', 'any')}"
+    for key in ("sport", "dport", "icmp", "icmp_type", "icmp_code", "mh_type"):
+        if sel.get(key) not in (None, "any"):
+            text += f" {key.replace('_', '-')} {sel[key]}"
     return text
 
 
