@@ -345,13 +345,15 @@ class TrafficSelector:
 TrafficSelector.ANY = TrafficSelector(AddressRange.any(), AddressRange.any())
 
 
+_PROTO_NAMES = {1: "icmp", 4: "ipv4", 6: "tcp", 17: "udp", 33: "dccp", 41: "ipv6", 47: "gre", 50: "esp",
+                51: "ah", 58: "icmp6", 132: "sctp", 135: "mh", 136: "udplite"}
+
+
 def _proto_name(proto: int | None) -> str:
+    """setkey's word for a next layer protocol."""
     if proto is None:
         return "any"
-    try:
-        return IpProto(proto).name.lower()
-    except ValueError:
-        return str(proto)
+    return _PROTO_NAMES.get(proto, str(proto))
 
 
 # --- entries ---------------------------------------------------------------------------------------
