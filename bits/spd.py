@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -264,10 +264,19 @@ class TrafficSelector:
     remote_port: PortRange = PortRange.ANY
     icmp: IcmpRange = IcmpRange()
     mh_type: int | None = None
+    # (version, local first/last, remote first/last, proto): the address test as plain ints,
+    # computed once so that the per-packet match makes no method calls
+    _flat: tuple[int, int, int, int, int, int | None] = field(init=False, repr=False, compare=False)
 
     ANY: ClassVar[TrafficSelector]
 
     def __post_init__(self) -> None:
+        self._validate()
+        l, r = self.local, self.remote
+        flat = (l.version or r.version, l.first, l.last, r.first, r.last, self.proto)
+        object.__setattr__(self, "_flat", flat)
+
+    def _validate(self) -> None:
         lv, rv = self.local.version, self.remote.version
         if lv and rv and lv != rv:
             raise ConfigError(
@@ -292,19 +301,21 @@ class TrafficSelector:
 
     def matches(self, sel: PacketSelectors, outbound: bool) -> bool:
         """Does the packet with selector values ``sel`` match? ``outbound``: local = source."""
-        if outbound:
-            local, remote, lport, rport = sel.src, sel.dst, sel.sport, sel.dport
-        else:
-            local, remote, lport, rport = sel.dst, sel.src, sel.dport, sel.sport
-        version = sel.version
-        if not (self.local.contains(version, local) and self.remote.contains(version, remote)):
+        version, lfirst, llast, rfirst, rlast, proto = self._flat
+        if version and version != sel.version:
             return False
-        proto = self.proto
+        if outbound:
+            local, remote = sel.src, sel.dst
+        else:
+            local, remote = sel.dst, sel.src
+        if not (lfirst <= local <= llast and rfirst <= remote <= rlast):
+            return False
         if proto is None:
             return True
         if proto != sel.proto:
             return False
         if proto in PORT_PROTOCOLS:
+            lport, rport = (sel.sport, sel.dport) if outbound else (sel.dport, sel.sport)
             return self.local_port.contains(lport) and self.remote_port.contains(rport)
         if proto == IpProto.MH:
             return self.mh_type is None or self.mh_type == sel.mh_type
