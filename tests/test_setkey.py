@@ -579,3 +579,15 @@ def test_token_soup_raises_only_config_error(words: list[str], with_local: bool)
         parse_setkey(" ".join(words) + " ;", local_addresses=[A] if with_local else None)
     except ConfigError:
         pass
+
+
+def test_the_documented_example_is_the_example_file() -> None:
+    """docs/setkey.md's complete example is mipv6-mn.conf minus comments, and it parses cleanly."""
+    doc = (EXAMPLES.parent.parent / "docs" / "setkey.md").read_text()
+    block = re.search(r"```\n(#!/usr/sbin/setkey -f\n# mn.conf.*?)```", doc, re.S).group(1)
+
+    def statements(text: str) -> list[str]:
+        return [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+    assert statements(block) == statements((EXAMPLES / "mipv6-mn.conf").read_text())
+    assert parse_setkey(block, path="mn.conf", local_addresses=[HOA, COA]).warnings == []
