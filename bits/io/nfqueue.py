@@ -1,0 +1,662 @@
+"""The NFQUEUE adapter: packets from the kernel -> the engine -> a verdict back to the kernel.
+
+A thin loop around a sans-I/O engine (``bits/engine.py``)::
+
+    out = engine.process_outbound(payload, now)    # or process_inbound for inbound queues
+    out is payload      -> accept unchanged   (BYPASS)
+    out is new bytes    -> set_payload + accept (ESP encapsulated / decapsulated)
+    out is a Drop       -> drop
+    the engine raised   -> drop (fail closed), counted and traced as "error"
+
+Processes. ``workers = 1``: one process binds every queue. ``workers = 2``: one process for the
+outbound queues and one for the inbound queues, under a small supervisor that owns the public
+control socket and forwards requests and signals. Splitting by direction means no SA's sequence
+counter or replay window is ever shared between processes: an outbound SA lives only in the
+outbound worker, an inbound SA only in the inbound one.
+
+Signals. SIGTERM/SIGINT stop cleanly (queues unbound, trace flushed, control socket removed,
+``engine.close()``); SIGHUP calls the reload hook. Handlers only set flags; ``signal.set_wakeup_fd``
+wakes the loop. The loop also runs its housekeeping (signals, control socket, engine timers, trace
+flush) every ``HOUSEKEEPING_EVERY`` packets from inside the packet callback, because under a flood
+``NetfilterQueue.run(block=False)`` only returns once the socket is empty.
+
+Limits of the ``netfilterqueue`` binding: packets are copied to user space up to 4016 octets
+(larger packets arrive truncated, and the engine drops them as malformed); verdicts are per packet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..constants import Direction
+from ..errors import BitsError
+from ..trace import TraceEventName, Tracer
+from .control import ControlError, ControlServer, control_request, make_engine_handler
+from .tracefile import TraceSettings, TraceWriter, open_trace_writer
+
+LOG = logging.getLogger("mipbits.nfqueue")
+
+HOUSEKEEPING_EVERY = 256  # packets between housekeeping runs inside the callback
+MAX_TIMER_WAIT = 1.0  # seconds the loop sleeps at most
+DEFAULT_MAXLEN = 4096  # kernel queue length (packets) per queue
+ACCEPTED, MODIFIED, DROPPED, ERRORS = range(4)
+_COUNTER_NAMES = ("accepted", "modified", "dropped", "errors")
+
+
+class ProcessorError(BitsError):
+    """The processor cannot start (queue already bound, not root, bad settings)."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSettings:
+    """The ``[queues]`` section: queue numbers per direction and the number of processes."""
+
+    outbound: tuple[int, ...] = (0,)
+    inbound: tuple[int, ...] = (1,)
+    workers: int = 1  # 1: one process; 2: one outbound + one inbound process
+    maxlen: int = DEFAULT_MAXLEN
+
+
+class Engine(Protocol):
+    """What the adapter needs from ``bits.engine.Engine`` (timers and close are optional)."""
+
+    def process_outbound(self, packet: bytes, now: float) -> Any: ...
+
+    def process_inbound(self, packet: bytes, now: float) -> Any: ...
+
+    def status(self) -> Mapping[str, Any]: ...
+
+
+class ProcessorConfig(Protocol):
+    """What ``run_processor`` needs from a node configuration (``mipbits.nodeconfig.NodeConfig``)."""
+
+    queues: QueueSettings
+    trace: TraceSettings
+    control_socket: str
+
+
+#: ``engine_factory(tracer, direction)``: direction None means "both directions in this process".
+EngineFactory = Callable[[Tracer, Direction | None], Engine]
+#: ``on_reload(engine)`` on SIGHUP: reload in place (return None) or return a replacement engine.
+ReloadHook = Callable[[Engine], Engine | None]
+
+
+# -- the per-packet callback ---------------------------------------------------------------------
+
+
+def make_callback(
+    process: Callable[[bytes, float], Any],
+    counts: list[int],
+    tracer: Tracer,
+    queue: int,
+    on_error: Callable[[BaseException, int], None],
+    housekeeping: Callable[[], None] = lambda: None,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[Callable[[Any], None], Callable[[Callable[[bytes, float], Any]], None]]:
+    """The NFQUEUE callback for one queue, and a setter that swaps ``process`` (reload).
+
+    Hot path: one payload copy, one clock read, one engine call, one verdict, one counter.
+    """
+    budget = HOUSEKEEPING_EVERY
+
+    def callback(pkt: Any) -> None:
+        nonlocal budget
+        try:
+            payload = pkt.get_payload()
+            if tracer.wants_drops:
+                tracer.queue = queue
+            out = process(payload, clock())
+            if out is payload:
+                pkt.accept()
+                counts[ACCEPTED] += 1
+            elif out:  # new bytes; a Drop is falsy, and so is b"" (never accept an empty packet)
+                pkt.set_payload(out if type(out) is bytes else bytes(out))
+                pkt.accept()
+                counts[MODIFIED] += 1
+            else:
+                pkt.drop()
+                counts[DROPPED] += 1
+        except Exception as exc:  # noqa: BLE001 - a bug must cost one packet, not the processor
+            _drop_quietly(pkt)
+            counts[ERRORS] += 1
+            on_error(exc, queue)
+        budget -= 1
+        if budget <= 0:
+            budget = HOUSEKEEPING_EVERY
+            housekeeping()
+
+    def set_process(fn: Callable[[bytes, float], Any]) -> None:
+        nonlocal process
+        process = fn
+
+    return callback, set_process
+
+
+def _drop_quietly(pkt: Any) -> None:
+    with contextlib.suppress(Exception):  # the verdict may already be set
+        pkt.drop()
+
+
+# -- one process ---------------------------------------------------------------------------------
+
+
+class Processor:
+    """Binds queues, runs the loop, serves the control socket for one engine."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        bindings: Sequence[tuple[int, Direction]],
+        tracer: Tracer,
+        *,
+        trace_writer: TraceWriter | None = None,
+        control_path: str | None = None,
+        maxlen: int = DEFAULT_MAXLEN,
+        on_reload: ReloadHook | None = None,
+        role: str = "both",
+    ) -> None:
+        self.engine = engine
+        self.bindings = list(bindings)
+        self.tracer = tracer
+        self.trace_writer = trace_writer
+        self.control_path = control_path
+        self.maxlen = maxlen
+        self.on_reload = on_reload
+        self.role = role
+        self.counts = {q: [0, 0, 0, 0] for q, _ in self.bindings}
+        self.reloads = 0
+        self._started = time.monotonic()
+        self._stop = False
+        self._reload = False
+        self._queues: list[Any] = []
+        self._setters: list[tuple[Direction, Callable[[Callable[[bytes, float], Any]], None]]] = []
+        self._control: ControlServer | None = None
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._errors_logged = 0.0
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    def bind(self) -> None:
+        """Bind every queue; ProcessorError names the queue that failed."""
+        try:
+            from netfilterqueue import NetfilterQueue
+        except ImportError as exc:
+            raise ProcessorError(f"the netfilterqueue package is missing: {exc}") from None
+        for queue, direction in self.bindings:
+            process = self._process_fn(direction)
+            cb, setter = make_callback(process, self.counts[queue], self.tracer, queue, self._on_error, self._housekeeping)
+            nfq = NetfilterQueue()
+            try:
+                nfq.bind(queue, cb, max_len=self.maxlen)
+            except OSError as exc:
+                raise ProcessorError(
+                    f"cannot bind NFQUEUE {queue} ({exc}): another process holds it, or we are not root"
+                ) from None
+            self._queues.append(nfq)
+            self._setters.append((direction, setter))
+            self._sel.register(nfq.get_fd(), selectors.EVENT_READ, nfq)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        if self.control_path:
+            handler = make_engine_handler(lambda: self.engine, self.processor_status)
+            self._control = ControlServer(self.control_path, handler)
+            self._sel.register(self._control.fileno(), selectors.EVENT_READ, "control")
+        self._trace(TraceEventName.START, detail=f"pid {os.getpid()} queues {self._queue_text()}")
+        LOG.info("bound NFQUEUE %s (pid %d)", self._queue_text(), os.getpid())
+
+    def serve(self) -> None:
+        """Run until ``request_stop``."""
+        while not self._stop:
+            for key, _ in self._sel.select(self._timeout()):
+                if key.data == "wake":
+                    with contextlib.suppress(OSError):
+                        self._wake_r.recv(4096)
+                elif key.data == "control":
+                    pass  # served in housekeeping
+                else:
+                    key.data.run(block=False)
+            self._housekeeping()
+
+    def close(self) -> None:
+        """Unbind, stop the control socket, trace the stop, close the engine and the trace."""
+        self._unbind_all()
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        self._trace(TraceEventName.STOP, detail=f"pid {os.getpid()}")
+        close = getattr(self.engine, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception:  # noqa: BLE001
+                LOG.exception("engine.close() failed")
+        if self.trace_writer is not None:
+            self.trace_writer.close()
+        self._sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def request_stop(self) -> None:
+        self._stop = True
+        self._wake()
+
+    def request_reload(self) -> None:
+        self._reload = True
+        self._wake()
+
+    def wakeup_fd(self) -> int:
+        return self._wake_w.fileno()
+
+    # -- loop helpers ----------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def _housekeeping(self) -> None:
+        if self._stop:
+            self._unbind_all()  # under a flood this is what makes run(block=False) return
+            return
+        if self._reload:
+            self._reload = False
+            self._do_reload()
+        if self._control is not None:
+            self._control.service(0)
+        self._timers()
+        if self.trace_writer is not None:
+            self.trace_writer.flush()
+
+    def _timeout(self) -> float:
+        next_timer = getattr(self.engine, "next_timer", None)
+        deadline = next_timer() if callable(next_timer) else None
+        if deadline is None:
+            return MAX_TIMER_WAIT
+        return min(MAX_TIMER_WAIT, max(0.0, deadline - time.monotonic()))
+
+    def _timers(self) -> None:
+        handle = getattr(self.engine, "handle_timer", None)
+        next_timer = getattr(self.engine, "next_timer", None)
+        if callable(handle) and callable(next_timer):
+            deadline = next_timer()
+            now = time.monotonic()
+            if deadline is not None and deadline <= now:
+                handle(now)
+
+    def _unbind_all(self) -> None:
+        while self._queues:
+            nfq = self._queues.pop()
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self._sel.unregister(nfq.get_fd())
+            nfq.unbind()
+
+    def _process_fn(self, direction: Direction) -> Callable[[bytes, float], Any]:
+        if direction == Direction.OUT:
+            return self.engine.process_outbound
+        return self.engine.process_inbound
+
+    def _do_reload(self) -> None:
+        LOG.info("reloading (SIGHUP)")
+        try:
+            replacement = self.on_reload(self.engine) if self.on_reload else _default_reload(self.engine)
+        except Exception as exc:  # noqa: BLE001 - a bad new config must not stop protection
+            LOG.error("reload failed, keeping the running configuration: %s", exc)
+            self._trace(TraceEventName.ERROR, detail=f"reload failed: {exc}")
+            return
+        if replacement is not None and replacement is not self.engine:
+            self.engine = replacement
+            for direction, setter in self._setters:
+                setter(self._process_fn(direction))
+        self.reloads += 1
+        self._trace(TraceEventName.RELOAD, detail=f"reload {self.reloads}")
+
+    def _on_error(self, exc: BaseException, queue: int) -> None:
+        try:
+            now = time.monotonic()
+            if now - self._errors_logged >= 1.0:  # rate limit: at most one traceback a second
+                self._errors_logged = now
+                LOG.error("engine raised on queue %d; packet dropped", queue, exc_info=exc)
+            if self.tracer.wants_drops:
+                self.tracer.emit(TraceEventName.ERROR, component="nfqueue", queue=queue,
+                                 detail=f"{type(exc).__name__}: {exc}")
+        except Exception:  # noqa: BLE001 - never raise into the C callback
+            pass
+
+    def _trace(self, event: TraceEventName, **fields: object) -> None:
+        if self.tracer.wants_drops:
+            self.tracer.emit(event, component="nfqueue", queue=None, **fields)
+            if self.trace_writer is not None:
+                self.trace_writer.flush()
+
+    def _queue_text(self) -> str:
+        return ",".join(f"{q}({d.value})" for q, d in self.bindings)
+
+    def processor_status(self) -> dict[str, Any]:
+        """The adapter's own counters (``status`` puts them under ``processor``)."""
+        directions = dict(self.bindings)
+        return {
+            "pid": os.getpid(),
+            "role": self.role,
+            "uptime": round(time.monotonic() - self._started, 3),
+            "monotonic": time.monotonic(),  # SA ages (added_at) are measured on this clock
+            "reloads": self.reloads,
+            "trace_level": str(self.tracer.level),
+            "queues": {
+                str(q): {"direction": directions[q].value, **dict(zip(_COUNTER_NAMES, c))}
+                for q, c in self.counts.items()
+            },
+        }
+
+
+def _default_reload(engine: Engine) -> Engine | None:
+    reload = getattr(engine, "reload", None)
+    if not callable(reload):
+        raise ProcessorError("this engine has no reload(); restart the processor instead")
+    result = reload()
+    return result if hasattr(result, "process_outbound") else None
+
+
+# -- processes -----------------------------------------------------------------------------------
+
+
+def worker_socket(control_socket: str, direction: Direction) -> str:
+    """Where a worker's private control socket lives when ``workers = 2``."""
+    return f"{control_socket}.{direction.value}"
+
+
+def _bindings(queues: QueueSettings, direction: Direction | None) -> list[tuple[int, Direction]]:
+    out = [(q, Direction.OUT) for q in queues.outbound] if direction in (None, Direction.OUT) else []
+    inn = [(q, Direction.IN) for q in queues.inbound] if direction in (None, Direction.IN) else []
+    return out + inn
+
+
+def run_worker(
+    cfg: ProcessorConfig,
+    engine_factory: EngineFactory,
+    direction: Direction | None = None,
+    control_path: str | None = None,
+    on_reload: ReloadHook | None = None,
+) -> int:
+    """One process: build the engine, bind the queues, serve until SIGTERM/SIGINT. Returns 0."""
+    writer = open_trace_writer(cfg.trace)
+    tracer = Tracer(writer.write if writer else None, cfg.trace.level, component="bits")
+    try:
+        engine = engine_factory(tracer, direction)
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        raise
+    proc = Processor(
+        engine, _bindings(cfg.queues, direction), tracer, trace_writer=writer,
+        control_path=control_path if control_path is not None else cfg.control_socket,
+        maxlen=cfg.queues.maxlen, on_reload=on_reload, role=direction.value if direction else "both",
+    )
+    with _signals(proc.request_stop, proc.request_reload, proc.wakeup_fd()):
+        try:
+            proc.bind()
+            proc.serve()
+        finally:
+            proc.close()
+    LOG.info("stopped")
+    return 0
+
+
+@contextlib.contextmanager
+def _signals(stop: Callable[[], None], reload: Callable[[], None], wake_fd: int):  # type: ignore[no-untyped-def]
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    signal.signal(signal.SIGTERM, lambda *_: stop())
+    signal.signal(signal.SIGINT, lambda *_: stop())
+    signal.signal(signal.SIGHUP, lambda *_: reload())
+    old_wake = signal.set_wakeup_fd(wake_fd, warn_on_full_buffer=False)
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(old_wake)
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def run_processor(
+    cfg: ProcessorConfig, engine_factory: EngineFactory, on_reload: ReloadHook | None = None
+) -> int:
+    """``mipbits run``: serve the node's queues until SIGTERM/SIGINT; returns an exit code.
+
+    ``workers = 1``: this process does everything. ``workers = 2``: fork an outbound and an
+    inbound worker and supervise them (see the module docstring).
+    """
+    _check_queues(cfg.queues)
+    if cfg.queues.workers == 1:
+        return run_worker(cfg, engine_factory, None, cfg.control_socket, on_reload)
+    return Supervisor(cfg, engine_factory, on_reload).run()
+
+
+def _check_queues(queues: QueueSettings) -> None:
+    if queues.workers not in (1, 2):
+        raise ProcessorError(f"workers must be 1 or 2, got {queues.workers}")
+    if not queues.outbound or not queues.inbound:
+        raise ProcessorError("both an outbound and an inbound queue are needed")
+    if set(queues.outbound) & set(queues.inbound):
+        raise ProcessorError("a queue cannot be both outbound and inbound")
+
+
+class Supervisor:
+    """``workers = 2``: one outbound and one inbound worker process, one public control socket."""
+
+    def __init__(self, cfg: ProcessorConfig, engine_factory: EngineFactory, on_reload: ReloadHook | None) -> None:
+        self.cfg = cfg
+        self.engine_factory = engine_factory
+        self.on_reload = on_reload
+        self.children: dict[Direction, int] = {}
+        self._stop = False
+        self._hup = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+
+    def run(self) -> int:
+        with _signals(self._request_stop, self._request_hup, self._wake_w.fileno()):
+            signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the loop
+            try:
+                control = ControlServer(self.cfg.control_socket, self._handle)
+                for direction in (Direction.OUT, Direction.IN):
+                    self.children[direction] = self._spawn(direction, control)
+                try:
+                    return self._loop(control)
+                finally:
+                    control.close()
+            finally:
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                self._stop_children()
+                self._wake_r.close()
+                self._wake_w.close()
+
+    def _spawn(self, direction: Direction, control: ControlServer) -> int:
+        pid = os.fork()
+        if pid:
+            return pid
+        code = 1
+        try:
+            # Until run_worker installs its handlers: SIGTERM ends us, SIGHUP is ignored.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.set_wakeup_fd(-1)
+            control.close_inherited()
+            _die_with_parent()
+            path = worker_socket(self.cfg.control_socket, direction)
+            code = run_worker(self.cfg, self.engine_factory, direction, path, self.on_reload)
+        except BaseException as exc:  # noqa: BLE001 - report, then leave the child
+            LOG.error("%s worker failed: %s", direction.value, exc, exc_info=not isinstance(exc, BitsError))
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
+    def _loop(self, control: ControlServer) -> int:
+        sel = selectors.DefaultSelector()
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        sel.register(control.fileno(), selectors.EVENT_READ, "control")
+        try:
+            while True:
+                for key, _ in sel.select(MAX_TIMER_WAIT):
+                    if key.data == "wake":
+                        with contextlib.suppress(OSError):
+                            self._wake_r.recv(4096)
+                control.service(0)
+                if self._stop:
+                    return self._stop_children()
+                if self._hup:
+                    self._hup = False
+                    self._signal_children(signal.SIGHUP)
+                code = self._reap()
+                if code is not None:
+                    return code
+        finally:
+            sel.close()
+
+    def _reap(self) -> int | None:
+        """A worker that exits on its own takes the node down (fail closed, exit non-zero)."""
+        for direction, pid in list(self.children.items()):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                del self.children[direction]
+                LOG.error("%s worker (pid %d) exited with status %d; stopping", direction.value, pid, status)
+                self._stop_children()
+                return 1
+        return None
+
+    def _request_stop(self) -> None:
+        self._stop = True
+
+    def _request_hup(self) -> None:
+        self._hup = True
+
+    def _signal_children(self, sig: int) -> None:
+        for pid in self.children.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def _stop_children(self, timeout: float = 10.0) -> int:
+        self._signal_children(signal.SIGTERM)
+        code = 0
+        deadline = time.monotonic() + timeout
+        for direction, pid in list(self.children.items()):
+            status = _wait_until(pid, deadline)
+            code = code or (0 if status == 0 else 1)
+            del self.children[direction]
+        return code
+
+    def _handle(self, request: Mapping[str, Any]) -> Any:
+        cmd = request["cmd"]
+        sock = self.cfg.control_socket
+        ask = lambda d: control_request(worker_socket(sock, d), cmd, **{k: v for k, v in request.items() if k != "cmd"})  # noqa: E731
+        if cmd == "query_outbound":
+            return ask(Direction.OUT)
+        if cmd == "query_inbound_spi":
+            return ask(Direction.IN)
+        if cmd == "ping":
+            return {"pid": os.getpid(), "workers": {d.value: ask(d) for d in (Direction.OUT, Direction.IN)}}
+        if cmd == "status":
+            return merge_status(ask(Direction.OUT), ask(Direction.IN))
+        raise ControlError(f"unknown cmd {cmd!r} (status, query_outbound, query_inbound_spi, ping)")
+
+
+def _wait_until(pid: int, deadline: float) -> int:
+    """Exit code of child ``pid``; SIGKILL it at ``deadline``."""
+    try:
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return os.waitstatus_to_exitcode(status)
+            if time.monotonic() >= deadline:
+                LOG.error("worker %d did not stop in time; killing it", pid)
+                os.kill(pid, signal.SIGKILL)
+                _, status = os.waitpid(pid, 0)
+                return os.waitstatus_to_exitcode(status)
+            time.sleep(0.02)
+    except ChildProcessError:
+        return 0
+
+
+def _die_with_parent() -> None:
+    """prctl(PR_SET_PDEATHSIG, SIGTERM): a worker must not outlive its supervisor."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    if os.getppid() == 1:
+        os._exit(1)
+
+
+# -- status of two workers -----------------------------------------------------------------------
+
+
+def merge_status(out_status: Mapping[str, Any], in_status: Mapping[str, Any]) -> dict[str, Any]:
+    """One ``status`` from the outbound and inbound workers' (schema: ``mipbits.render``).
+
+    SAs come from the worker that owns their direction; policy hits and drop counters add up;
+    the processors appear under ``processor.workers``.
+    """
+    merged: dict[str, Any] = {}
+    for key in set(out_status) | set(in_status):
+        a, b = out_status.get(key), in_status.get(key)
+        if key == "sas":
+            merged[key] = _merge_sas(a or [], b or [])
+        elif key == "policies":
+            merged[key] = _merge_policies(a or [], b or [])
+        elif key == "processor":
+            merged[key] = {"role": "supervisor", "pid": os.getpid(), "workers": {"out": a, "in": b}}
+        else:
+            merged[key] = _add(a, b)
+    return merged
+
+
+def _merge_sas(out_sas: list[Any], in_sas: list[Any]) -> list[Any]:
+    picked = [sa for sa in out_sas if sa.get("direction") != "in"]
+    picked += [sa for sa in in_sas if sa.get("direction") == "in"]
+    return picked
+
+
+def _merge_policies(a: Any, b: Any) -> Any:
+    """Policy rows (a list, or ``{"out": [...], "in": [...], ...}``): hits add up per entry."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return {k: _merge_policies(a.get(k), b.get(k)) for k in set(a) | set(b)}
+    if isinstance(a, list) and isinstance(b, list):
+        merged = [dict(row) for row in a]
+        index = {_row_key(row, i): row for i, row in enumerate(merged)}
+        for i, row in enumerate(b):
+            mine = index.get(_row_key(row, i))
+            if mine is None:
+                merged.append(dict(row))
+            else:
+                mine["hits"] = mine.get("hits", 0) + row.get("hits", 0)
+        return merged
+    return _add(a, b)
+
+
+def _row_key(row: Mapping[str, Any], i: int) -> object:
+    return row.get("name", row.get("index", i))
+
+
+def _add(a: Any, b: Any) -> Any:
+    """Numbers add, dicts merge recursively, otherwise the outbound worker's value wins."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a + b
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return {k: _add(a.get(k), b.get(k)) for k in set(a) | set(b)}
+    return a
