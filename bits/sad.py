@@ -92,7 +92,9 @@ class Sad(Generic[SaT]):
         for other in self._sas:
             q = other.params
             if q.spi == p.spi and q.dst == p.dst and q.direction == p.direction:
-                raise ConfigError(f"duplicate SPI {p.spi:#010x} for destination {p.dst} ({p.direction.value})")
+                raise ConfigError(
+                    f"duplicate SPI {p.spi:#010x} for destination {p.dst} ({p.direction.value})"
+                )
         self._sas.append(sa)
         self._reindex()
 
@@ -166,7 +168,9 @@ class Sad(Generic[SaT]):
 
     def find(self, spi: int, direction: Direction | None = None) -> list[SaT]:
         """Every SA with ``spi`` (management and tests; not for the hot path)."""
-        return [sa for sa in self._sas if sa.params.spi == spi and direction in (None, sa.params.direction)]
+        return [
+            sa for sa in self._sas if sa.params.spi == spi and direction in (None, sa.params.direction)
+        ]
 
     def inbound(self) -> tuple[SaT, ...]:
         return tuple(sa for sa in self._sas if sa.params.direction == Direction.IN)
@@ -241,7 +245,7 @@ class InboundAnswer:
         }
 
 
-# --- SPD + SAD -------------------------------------------------------------------------------------------
+# --- SPD + SAD ---------------------------------------------------------------------------------
 
 
 class PolicyDb(Generic[SaT]):
@@ -297,7 +301,8 @@ class PolicyDb(Generic[SaT]):
             return sad.outbound_by_reqid(entry.reqid, mode)
         if mode == Mode.TUNNEL:
             src, dst = entry.tunnel_src, entry.tunnel_dst
-            return sad.outbound_by_addresses(mode, src.version, int(src), int(dst))  # type: ignore[union-attr]
+            assert src is not None and dst is not None  # SpdEntry guarantees both in tunnel mode
+            return sad.outbound_by_addresses(mode, src.version, int(src), int(dst))
         return sad.outbound_by_addresses(mode, sel.version, sel.src, sel.dst)
 
     # --- inbound ---

@@ -201,7 +201,8 @@ def tokenize(text: str, path: str) -> list[list[Token]]:
             current.append(Token(text[i:j], line))
             i = j
     if current:
-        raise ConfigError(f"statement {current[0].text!r} is not ended by ';'", path=path, line=current[0].line)
+        first = current[0]
+        raise ConfigError(f"statement {first.text!r} is not ended by ';'", path=path, line=first.line)
     return statements
 
 
@@ -297,7 +298,8 @@ class _Parser:
             head = cur.word("a statement")
             handler = handlers.get(head.text)
             if handler is None:
-                raise cur.error(f"unknown statement {head.text!r} (expected {', '.join(handlers)})", head)
+                expected = ", ".join(handlers)
+                raise cur.error(f"unknown statement {head.text!r} (expected {expected})", head)
             handler(cur)
         return self.finish()
 
@@ -446,10 +448,14 @@ class _Parser:
                 raise cur.error("quoted key is not valid text", tok) from None
         m = _HEX_KEY.fullmatch(tok.text)
         if m is None or len(m.group(1)) % 2:
-            raise cur.error("key must be 0x followed by an even number of hex digits, or a \"quoted string\"", tok)
+            raise cur.error(
+                'key must be 0x followed by an even number of hex digits, or a "quoted string"', tok
+            )
         return bytes.fromhex(m.group(1))
 
-    def _sa_params(self, cur: _Cursor, spi: int, src: IPAddress, dst: IPAddress, opts: _SaOptions) -> SaParams:
+    def _sa_params(
+        self, cur: _Cursor, spi: int, src: IPAddress, dst: IPAddress, opts: _SaOptions
+    ) -> SaParams:
         enc, enc_key, auth, auth_key = self._algorithms(cur, opts)
         soft, hard = self._lifetime(opts, "soft"), self._lifetime(opts, "hard")
         self._check_lifetimes(cur, soft, hard)
@@ -508,7 +514,8 @@ class _Parser:
 
     def _lifetime(self, opts: _SaOptions, kind: str) -> Lifetime:
         """0 or absent: no limit (as in setkey)."""
-        got = {unit: opts.lifetimes.get((kind, unit)) or None for unit in ("bytes", "packets", "seconds")}
+        units = ("bytes", "packets", "seconds")
+        got = {unit: opts.lifetimes.get((kind, unit)) or None for unit in units}
         return Lifetime(**got)  # type: ignore[arg-type]
 
     def _check_lifetimes(self, cur: _Cursor, soft: Lifetime, hard: Lifetime) -> None:
@@ -521,7 +528,9 @@ class _Parser:
     def _duplicate_spi(self, cur: _Cursor, spi: int, dst: IPAddress) -> None:
         for other, line in self.sas:
             if other.spi == spi and other.dst == dst:
-                raise cur.error(f"duplicate SPI {spi:#010x} for destination {dst} (first at line {line})")
+                raise cur.error(
+                    f"duplicate SPI {spi:#010x} for destination {dst} (first at line {line})"
+                )
 
     def _key_reuse(self, cur: _Cursor, p: SaParams) -> None:
         """AEAD nonces are only unique per key: two SAs must never share key and salt."""
@@ -529,8 +538,10 @@ class _Parser:
             return
         for other, line in self.sas:
             if other.enc == p.enc and other.enc_key == p.enc_key:
-                raise cur.error(f"SA {p.spi:#010x} reuses the {p.enc.value} key and salt of SA {other.spi:#010x} "
-                                f"(line {line}): each SA needs its own (RFC 4106 section 8.1)")
+                raise cur.error(
+                    f"SA {p.spi:#010x} reuses the {p.enc.value} key and salt of SA {other.spi:#010x} "
+                    f"(line {line}): each SA needs its own (RFC 4106 section 8.1)"
+                )
 
     # --- spdadd ---
 
@@ -664,7 +675,9 @@ class _Parser:
                      ends: str) -> tuple[IPAddress | None, IPAddress | None]:
         if mode == Mode.TRANSPORT:
             if ends:
-                raise cur.error(f"transport mode takes no endpoints: write esp/transport//..., not {ends!r}", tok)
+                raise cur.error(
+                    f"transport mode takes no endpoints: write esp/transport//..., not {ends!r}", tok
+                )
             return None, None
         a, dash, b = ends.partition("-")
         if not dash:
@@ -685,25 +698,15 @@ class _Parser:
         if text == "unique":
             raise cur.error("level unique needs the SA's reqid: unique:N with add ... -u N", tok)
         if text in ("", "default"):
-            raise cur.error("level default depends on kernel settings here absent: write require or use", tok)
+            raise cur.error("level default means the kernel's default, which is not known here: "
+                            "write require or use", tok)
         raise cur.error(f"level must be require, use or unique:N, not {text!r}", tok)
 
     # --- whole-file checks ---
 
     def finish(self) -> IpsecConfig:
         sas = [p for p, _ in self.sas]
-        warnings: list[str] = []
-        for entry, line in self.entries:
-            if entry.action == Action.PROTECT and not any(sa_serves(entry, p) for p in sas):
-                if entry.level == Level.USE:
-                    warnings.append(f"{self.path}:{line}: policy {entry.name} has no SA yet; "
-                                    "its traffic goes in the clear (level use)")
-                else:
-                    raise ConfigError(self._no_sa_problem(entry, sas), path=self.path, line=line)
-        for p, line in self.sas:
-            if not any(sa_serves(e, p) for e, _ in self.entries):
-                warnings.append(f"{self.path}:{line}: SA {p.spi:#010x} ({p.direction.value}) serves no policy"
-                                + ("; packets arriving on it fail the selector check" if p.direction == Direction.IN else ""))
+        warnings = self._policies_without_sa(sas) + self._sas_without_policy()
         spd = Spd(
             (e for e, _ in self.entries),
             default_in=self.defaults[Direction.IN],
@@ -711,6 +714,28 @@ class _Parser:
             cache_size=self.cache_size,
         )
         return IpsecConfig(sas, spd, warnings)
+
+    def _policies_without_sa(self, sas: list[SaParams]) -> list[str]:
+        """A require/unique policy needs an SA (error); a use policy may wait for one (warning)."""
+        warnings = []
+        for entry, line in self.entries:
+            if entry.action != Action.PROTECT or any(sa_serves(entry, p) for p in sas):
+                continue
+            if entry.level != Level.USE:
+                raise ConfigError(self._no_sa_problem(entry, sas), path=self.path, line=line)
+            warnings.append(f"{self.path}:{line}: policy {entry.name} has no SA yet; "
+                            "its traffic goes in the clear (level use)")
+        return warnings
+
+    def _sas_without_policy(self) -> list[str]:
+        warnings = []
+        for p, line in self.sas:
+            if any(sa_serves(e, p) for e, _ in self.entries):
+                continue
+            why = "; packets arriving on it fail the selector check" if p.direction == Direction.IN else ""
+            what = f"SA {p.spi:#010x} ({p.direction.value})"
+            warnings.append(f"{self.path}:{line}: {what} serves no policy{why}")
+        return warnings
 
     def _no_sa_problem(self, entry: SpdEntry, sas: list[SaParams]) -> str:
         d, m = entry.direction.value, entry.mode.value  # type: ignore[union-attr]
@@ -729,10 +754,18 @@ class _Parser:
         return head + f"no {d} transport SA from {src} to {dst} is configured"
 
 
-def _check_key(cur: _Cursor, tok: Token, alg: EncAlg | AuthAlg, key: bytes, lengths: tuple[int, ...]) -> None:
+def _one_of(values: tuple[int, ...]) -> str:
+    """(16, 24, 32) -> '16, 24 or 32'."""
+    head = ", ".join(str(n) for n in values[:-1])
+    return f"{head} or {values[-1]}" if head else str(values[-1])
+
+
+def _check_key(
+    cur: _Cursor, tok: Token, alg: EncAlg | AuthAlg, key: bytes, lengths: tuple[int, ...]
+) -> None:
     if len(key) in lengths:
         return
-    expected = ", ".join(str(n) for n in lengths[:-1]) + (" or " if len(lengths) > 1 else "") + str(lengths[-1])
+    expected = _one_of(lengths)
     if alg in AEAD and len(key) + SALT_LEN in lengths:
         rfc = "RFC 4106 section 8.1" if alg == EncAlg.AES_GCM_16 else "RFC 7634 section 2"
         raise cur.error(f"{alg.value} key of {len(key)} octets has no salt: append the 4-octet salt "
@@ -742,7 +775,7 @@ def _check_key(cur: _Cursor, tok: Token, alg: EncAlg | AuthAlg, key: bytes, leng
     raise cur.error(f"wrong key length for {alg.value}: {len(key)} octets, expected {expected}", tok)
 
 
-# --- entry points --------------------------------------------------------------------------------------------
+# --- entry points ------------------------------------------------------------------------------
 
 
 def parse_setkey(
@@ -804,7 +837,8 @@ def load_setkey(
 ) -> IpsecConfig:
     """Read and parse a setkey file (for the composition root; cores never read files)."""
     name = os.fspath(path)
-    return parse_setkey(read_key_file(name), path=name, local_addresses=local_addresses, cache_size=cache_size)
+    text = read_key_file(name)
+    return parse_setkey(text, path=name, local_addresses=local_addresses, cache_size=cache_size)
 
 
 __all__ = [

@@ -249,6 +249,17 @@ class IcmpRange:
         return f"{t},{lo}" if lo == hi else f"{t},{lo}-{hi}"
 
 
+_PROTO_NAMES = {1: "icmp", 4: "ipv4", 6: "tcp", 17: "udp", 33: "dccp", 41: "ipv6", 47: "gre", 50: "esp",
+                51: "ah", 58: "icmp6", 132: "sctp", 135: "mh", 136: "udplite"}
+
+
+def _proto_name(proto: int | None) -> str:
+    """setkey's word for a next layer protocol."""
+    if proto is None:
+        return "any"
+    return _PROTO_NAMES.get(proto, str(proto))
+
+
 @dataclass(frozen=True, slots=True)
 class TrafficSelector:
     """One selector set of an SPD entry (RFC 4301 section 4.4.1.2).
@@ -284,13 +295,14 @@ class TrafficSelector:
             )
         if self.proto is not None and not 0 <= self.proto <= 255:
             raise ConfigError(f"next layer protocol {self.proto} out of range 0..255")
+        name = _proto_name(self.proto)
         if not (self.local_port.is_any and self.remote_port.is_any) and self.proto not in PORT_PROTOCOLS:
-            raise ConfigError(f"port selectors need tcp, udp, sctp, dccp or udplite, not {_proto_name(self.proto)}")
+            raise ConfigError(f"port selectors need tcp, udp, sctp, dccp or udplite, not {name}")
         if not self.icmp.is_any and self.proto not in ICMP_PROTOCOLS:
-            raise ConfigError(f"an ICMP type selector needs icmp or icmp6, not {_proto_name(self.proto)}")
+            raise ConfigError(f"an ICMP type selector needs icmp or icmp6, not {name}")
         if self.mh_type is not None:
             if self.proto != IpProto.MH:
-                raise ConfigError(f"a Mobility Header type selector needs mh (135), not {_proto_name(self.proto)}")
+                raise ConfigError(f"a Mobility Header type selector needs mh (135), not {name}")
             if not 0 <= self.mh_type <= 255:
                 raise ConfigError(f"MH type {self.mh_type} out of range 0..255")
 
@@ -356,17 +368,6 @@ class TrafficSelector:
 TrafficSelector.ANY = TrafficSelector(AddressRange.any(), AddressRange.any())
 
 
-_PROTO_NAMES = {1: "icmp", 4: "ipv4", 6: "tcp", 17: "udp", 33: "dccp", 41: "ipv6", 47: "gre", 50: "esp",
-                51: "ah", 58: "icmp6", 132: "sctp", 135: "mh", 136: "udplite"}
-
-
-def _proto_name(proto: int | None) -> str:
-    """setkey's word for a next layer protocol."""
-    if proto is None:
-        return "any"
-    return _PROTO_NAMES.get(proto, str(proto))
-
-
 # --- entries ---------------------------------------------------------------------------------------
 
 
@@ -396,7 +397,7 @@ class SpdEntry:
         if self.action == Action.PROTECT:
             self._check_protect()
         elif any(x is not None for x in (self.mode, self.tunnel_src, self.tunnel_dst, self.reqid, self.spi)):
-            raise ConfigError(f"policy {self.name}: only PROTECT entries take mode, tunnel, reqid or SPI")
+            raise ConfigError(f"policy {self.name}: only PROTECT entries take a mode, tunnel, reqid or SPI")
 
     def _check_protect(self) -> None:
         if self.mode is None:
@@ -415,7 +416,9 @@ class SpdEntry:
     @property
     def accepts_cleartext(self) -> bool:
         """May an inbound packet matching this entry arrive without ESP?"""
-        return self.action == Action.BYPASS or (self.action == Action.PROTECT and self.level == Level.USE)
+        if self.action == Action.PROTECT:
+            return self.level == Level.USE
+        return self.action == Action.BYPASS
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {

@@ -334,7 +334,7 @@ ERRORS = [
     (f"spdadd {A} {B} any -P out ipsec esp/tunnel/{A}-x/require;", 1, "tunnel destination 'x'"),
     (f"spdadd {A} {B} any -P out ipsec esp/transport//unique;", 1, "level unique needs the SA's reqid"),
     (f"spdadd {A} {B} any -P out ipsec esp/transport//unique:zero;", 1, "unique id must be a number"),
-    (f"spdadd {A} {B} any -P out ipsec esp/transport//default;", 1, "level default depends on kernel settings"),
+    (f"spdadd {A} {B} any -P out ipsec esp/transport//default;", 1, "level default means the kernel"),
     (f"spdadd {A} {B} any -P out ipsec esp/transport//;", 1, "level default"),
     (f"spdadd {A} {B} any -P out ipsec esp/transport//maybe;", 1, "level must be require, use or unique:N"),
     (f"spdadd {A} {B} bogus -P out none;", 1, "unknown upper-layer protocol 'bogus'"),
