@@ -23,6 +23,7 @@ class DropReason(str, Enum):
     # SA state
     SEQ_EXHAUSTED = "seq-exhausted"  # sequence counter would cycle (RFC 4303 3.3.3)
     SA_EXPIRED = "sa-expired"  # hard lifetime reached
+    SEQ_NOT_PERSISTED = "seq-not-persisted"  # sequence reservation not durable (bits/seqstore.py)
     TOO_BIG = "too-big"  # result would exceed 65535 octets
     FRAGMENT = "fragment"  # fragmented packet: selectors unknown, reassembly is the kernel's job
 

@@ -1,0 +1,96 @@
+"""File adapter for ``bits.seqstore.SeqReserver``: one small file per SA id in a private directory.
+
+Layout: ``<state_dir>/`` (mode 0700) holding ``<sa_id>.seq`` (mode 0600) whose content is the
+decimal reservation mark and a newline. A reservation is written crash-safely:
+write ``<sa_id>.seq.tmp`` -> fsync it -> rename over ``<sa_id>.seq`` -> fsync the directory. After
+a crash the file holds either the old or the new mark, never a torn one, and ``reserve`` returns
+only once the new one is on disk.
+
+An unreadable or corrupt file raises ``SeqStoreError`` rather than reading as 0: starting the
+counter from 0 again is exactly the nonce reuse this store exists to prevent.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+
+from ..seqstore import SeqStoreError
+
+_SA_ID = re.compile(r"[0-9a-f]{16,64}")
+_MARK = re.compile(rb"(0|[1-9][0-9]{0,19})\n")
+_MAX_MARK = 2**64 - 1
+
+
+class FileSeqReserver:
+    """Durable ``SeqReserver`` backed by ``state_dir`` (created 0700 if missing)."""
+
+    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+        self.state_dir = os.fspath(state_dir)
+        self._marks: dict[str, int] = {}
+        try:
+            os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+            st = os.stat(self.state_dir)
+        except OSError as exc:
+            raise SeqStoreError(f"sequence state dir {self.state_dir}: {exc.strerror}") from exc
+        if not stat.S_ISDIR(st.st_mode):
+            raise SeqStoreError(f"sequence state dir {self.state_dir} is not a directory")
+        if st.st_mode & 0o077:
+            raise SeqStoreError(f"sequence state dir {self.state_dir} is accessible by group/others")
+
+    def _path(self, sa_id: str) -> str:
+        if not _SA_ID.fullmatch(sa_id):
+            raise SeqStoreError(f"bad SA id {sa_id!r}")
+        return os.path.join(self.state_dir, sa_id + ".seq")
+
+    def load(self, sa_id: str) -> int:
+        path = self._path(sa_id)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(64)
+        except FileNotFoundError:
+            mark = 0
+        except OSError as exc:
+            raise SeqStoreError(f"{path}: {exc.strerror}") from exc
+        else:
+            m = _MARK.fullmatch(data)
+            if m is None or int(m.group(1)) > _MAX_MARK:
+                raise SeqStoreError(f"{path}: corrupt sequence reservation")
+            mark = int(m.group(1))
+        self._marks[sa_id] = max(mark, self._marks.get(sa_id, 0))
+        return self._marks[sa_id]
+
+    def reserve(self, sa_id: str, upto: int) -> None:
+        if not 0 <= upto <= _MAX_MARK:
+            raise SeqStoreError(f"reservation {upto} out of range")
+        if sa_id not in self._marks:
+            self.load(sa_id)  # never lower a mark written by an earlier run
+        if upto <= self._marks[sa_id]:
+            return
+        path = self._path(sa_id)
+        try:
+            self._write_durably(path, b"%d\n" % upto)
+        except OSError as exc:
+            raise SeqStoreError(f"{path}: {exc.strerror}") from exc
+        self._marks[sa_id] = upto
+
+    def _write_durably(self, path: str, data: bytes) -> None:
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # O_CREAT keeps the mode of a stale tmp file
+            if os.write(fd, data) != len(data):
+                raise OSError(0, "short write")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dfd = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+__all__ = ["FileSeqReserver"]
