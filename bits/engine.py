@@ -19,6 +19,7 @@ from .sa import SaParams
 from .sad import PolicyDb
 from .seqstore import SeqReserver
 from .setkey import IpsecConfig
+from .spd import Level
 from .trace import Tracer, TraceEventName
 from .transforms import Rand
 from .verdict import Drop, DropReason
@@ -49,13 +50,12 @@ class Engine:
         entry, sa = self.policy.lookup_outbound(sel)
         action = entry.action
         if action is _BYPASS:
-            self.counts["out_bypass"] += 1
-            if self.tracer.wants_all:
-                self._trace(TraceEventName.BYPASS, _OUT, packet, policy=entry.name)
-            return packet
+            return self._bypass(_OUT, packet, entry.name)
         if action is _DISCARD:
             return self._drop(Drop(DropReason.DISCARD_POLICY, detail=entry.name), _OUT, packet)
         if sa is None:
+            if entry.level is Level.USE:  # setkey "use": protect when an SA exists, else send as is
+                return self._bypass(_OUT, packet, entry.name)
             return self._drop(Drop(DropReason.NO_SA, detail=entry.name), _OUT, packet)
         out = sa.encapsulate(packet, now)
         if sa.events:
@@ -66,6 +66,12 @@ class Engine:
         if self.tracer.wants_all:
             self._trace(TraceEventName.ENCAP, _OUT, packet, outer=out, spi=sa.spi, seq=sa.seq)
         return out
+
+    def _bypass(self, direction: Direction, packet: bytes, policy: str) -> bytes:
+        self.counts["out_bypass" if direction is _OUT else "in_bypass"] += 1
+        if self.tracer.wants_all:
+            self._trace(TraceEventName.BYPASS, direction, packet, policy=policy)
+        return packet
 
     # --- inbound (RFC 4301 section 5.2) ---------------------------------------------------------------
 
@@ -79,11 +85,8 @@ class Engine:
             return self._drop(Drop(DropReason.MALFORMED, detail=str(exc)), _IN, packet)
         entry = self.policy.spd.lookup(_IN, sel)
         action = entry.action
-        if action is _BYPASS:
-            self.counts["in_bypass"] += 1
-            if self.tracer.wants_all:
-                self._trace(TraceEventName.BYPASS, _IN, packet, policy=entry.name)
-            return packet
+        if action is _BYPASS or entry.accepts_cleartext:  # BYPASS, or PROTECT at level "use"
+            return self._bypass(_IN, packet, entry.name)
         if action is _DISCARD:
             return self._drop(Drop(DropReason.DISCARD_POLICY, detail=entry.name), _IN, packet)
         # RFC 4301 5.2 step 3a: cleartext that policy says must arrive protected

@@ -147,3 +147,15 @@ def test_query_interface(pair):
     inb = b.query_inbound_spi(0x1001)
     assert inb is not None and inb["mode"] == "transport"
     assert b.query_inbound_spi(0xDEAD) is None
+
+
+def test_use_level_sends_clear_without_sa_and_accepts_clear():
+    conf = f"""
+spdadd {A6} {C6} udp -P out ipsec esp/transport//use;
+spdadd {C6} {A6} udp -P in ipsec esp/transport//use;
+"""
+    eng = build_engine(parse_setkey(conf, local_addresses=[A6]), rand=os.urandom, now=0.0)
+    out = bytes(IPv6(src=A6, dst=C6) / UDP(sport=1, dport=2))
+    assert eng.process_outbound(out, 1.0) is out
+    back = bytes(IPv6(src=C6, dst=A6) / UDP(sport=2, dport=1))
+    assert eng.process_inbound(back, 1.0) is back
