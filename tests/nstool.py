@@ -4,7 +4,9 @@
     nstool.py udp-send DST PORT TEXT [--count N] [--sport P]
     nstool.py udp-listen PORT [--duration S] [--count N]   prints "SRC TEXT" per datagram
     nstool.py tcp-echo PORT                                serves until killed
-    nstool.py tcp-check DST PORT [--bytes N]               exit 0 when N bytes echo back intact
+    nstool.py tcp-check DST PORT [--bytes N] [--timeout S]          exit 0 when N bytes echo back intact
+    nstool.py sniff DEV --src ADDR... [--duration S]       after "ready", counts IP packets from
+                                                           ADDR on DEV (ND excluded), prints it
 
 Addresses may be IPv4 or IPv6; listeners bind the wildcard of both families.
 """
@@ -109,6 +111,36 @@ def tcp_check(dst: str, port: int, nbytes: int, timeout: float = 10.0) -> int:
     return 0 if got == payload else 1
 
 
+def _ip_src_and_nd(frame: bytes) -> tuple[str | None, bool]:
+    ethertype = int.from_bytes(frame[12:14], "big")
+    ip = frame[14:]
+    if ethertype == 0x0800 and len(ip) >= 20:
+        return socket.inet_ntop(socket.AF_INET, ip[12:16]), False
+    if ethertype == 0x86DD and len(ip) >= 40:
+        nd = ip[6] == 58 and len(ip) > 40 and 133 <= ip[40] <= 137
+        return socket.inet_ntop(socket.AF_INET6, ip[8:24]), nd
+    return None, False
+
+
+def sniff(dev: str, sources: list[str], duration: float) -> int:
+    """Count what leaves a host on the wire: IP packets from ``sources`` (ND does not count)."""
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+    sock.bind((dev, 0))
+    wanted = {str(ipaddress.ip_address(a)) for a in sources}
+    print("ready", flush=True)
+    seen = 0
+    deadline = time.monotonic() + duration
+    while (left := deadline - time.monotonic()) > 0:
+        if not select.select([sock], [], [], left)[0]:
+            break
+        frame = sock.recv(65535)
+        src, nd = _ip_src_and_nd(frame)
+        if src in wanted and not nd:
+            seen += 1
+    print(seen, flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="nstool")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -132,7 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("dst")
     s.add_argument("port", type=int)
     s.add_argument("--bytes", type=int, default=100_000)
+    s.add_argument("--timeout", type=float, default=10.0)
+    s = sub.add_parser("sniff")
+    s.add_argument("dev")
+    s.add_argument("--src", nargs="+", required=True)
+    s.add_argument("--duration", type=float, default=2.0)
     a = p.parse_args(argv)
+    if a.cmd == "sniff":
+        return sniff(a.dev, a.src, a.duration)
     if a.cmd == "ping":
         return ping(a.dst, a.count, a.timeout)
     if a.cmd == "udp-send":
@@ -141,7 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         return udp_listen(a.port, a.duration, a.count)
     if a.cmd == "tcp-echo":
         return tcp_echo(a.port)
-    return tcp_check(a.dst, a.port, a.bytes)
+    try:
+        return tcp_check(a.dst, a.port, a.bytes, a.timeout)
+    except OSError as exc:
+        print(f"tcp-check: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

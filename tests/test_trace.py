@@ -136,6 +136,19 @@ def test_rotation_by_size_keeps_n_files(tmp_path) -> None:
     assert seqs[0] > 0
 
 
+def test_one_big_batch_is_split_across_rotations(tmp_path) -> None:
+    path = str(tmp_path / "t.jsonl")
+    w = TraceWriter(path, max_bytes=4096, keep=10, clock=lambda: 0.0)
+    for i in range(400):  # < the flush threshold: one batch of ~16 KB
+        w.write({"event": "encap", "seq": i})
+    w.close()
+    rotated = [f"{path}.{n}" for n in range(1, 11) if os.path.exists(f"{path}.{n}")]
+    assert len(rotated) >= 2
+    sizes = [os.path.getsize(p) for p in rotated]
+    assert max(sizes + [os.path.getsize(path)]) <= 4096 and min(sizes) > 4096 - 100  # filled, never overfilled
+    assert [r["seq"] for r in read_all(path, keep=10)] == list(range(400))
+
+
 def test_rotation_keep_zero_truncates(tmp_path) -> None:
     path = str(tmp_path / "t.jsonl")
     w = TraceWriter(path, max_bytes=4096, keep=0)

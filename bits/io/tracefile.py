@@ -80,15 +80,26 @@ class TraceWriter:
     __call__ = write
 
     def flush(self) -> None:
-        """Write the buffered lines as one batch, rotating first if the batch does not fit."""
+        """Write the buffered lines: one write(2) normally; split across files at a rotation."""
         if not self._lines:
             return
-        data = "".join(self._lines).encode()
-        self._lines.clear()
+        lines, self._lines = self._lines, []
         size = self._current_size()
-        if size > 0 and size + len(data) > self.max_bytes:
-            self._rotate()
-        _write_all(self._fd, data)
+        total = sum(map(len, lines))  # json.dumps output is ASCII: characters == octets
+        if size + total <= self.max_bytes:
+            _write_all(self._fd, "".join(lines).encode())
+            return
+        chunk: list[str] = []
+        for line in lines:
+            if size > 0 and size + len(line) > self.max_bytes:
+                if chunk:
+                    _write_all(self._fd, "".join(chunk).encode())
+                    chunk = []
+                self._rotate()
+                size = self._current_size()
+            chunk.append(line)
+            size += len(line)
+        _write_all(self._fd, "".join(chunk).encode())
 
     def close(self) -> None:
         try:
