@@ -569,10 +569,19 @@ class BindingUpdateList:
             self._start_attempt(now, out)
 
     def _move_away(self, coa: CareOfAddress, valid_until: float | None, now: float, out: MnResult) -> None:
-        target = MnState.REFRESHING if self._binding_alive(now) else MnState.REGISTERING
-        self._go(MnInput.MOVED_AWAY, target, out)
+        self._go(MnInput.MOVED_AWAY, self._away_state(now), out)
         self._coa, self._coa_valid_until = coa, valid_until
         self._start_attempt(now, out)
+
+    def _away_state(self, now: float) -> MnState:
+        """REFRESHING when a binding lives at the HA, else REGISTERING. From BOUND and REFRESHING
+        the answer is always REFRESHING: only the EXPIRY timer ends a binding (it fires at the
+        next ``handle_timer`` even if its deadline has already passed)."""
+        if self._state in (MnState.BOUND, MnState.REFRESHING):
+            return MnState.REFRESHING
+        if self._state in (MnState.DEREGISTERING, MnState.FAILED) and self._binding_alive(now):
+            return MnState.REFRESHING
+        return MnState.REGISTERING
 
     # -- Binding Acknowledgements (11.7.3) -----------------------------------------------------
 
