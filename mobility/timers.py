@@ -64,17 +64,19 @@ class Deadlines(Generic[K]):
     """Absolute deadlines keyed by timer name (a heap with lazy deletion).
 
     ``arm`` replaces a key's deadline, ``cancel`` forgets it, ``next()`` is the earliest deadline
-    and ``pop_due(now)`` returns the earliest key whose deadline is <= now (ties in arming order).
+    and ``pop_due(now)`` returns the earliest key whose deadline is <= now; ties go in the order
+    of the latest ``arm`` calls (a re-armed key queues behind keys armed before it).
     """
 
     def __init__(self) -> None:
-        self._at: dict[K, float] = {}
+        self._at: dict[K, tuple[float, int]] = {}  # key -> (deadline, arming order) of its live item
         self._heap: list[tuple[float, int, K]] = []
         self._order = itertools.count()
 
     def arm(self, key: K, when: float) -> None:
-        self._at[key] = when
-        heapq.heappush(self._heap, (when, next(self._order), key))
+        order = next(self._order)
+        self._at[key] = (when, order)
+        heapq.heappush(self._heap, (when, order, key))
         if len(self._heap) > 2 * len(self._at) + 16:
             self._compact()
 
@@ -82,7 +84,8 @@ class Deadlines(Generic[K]):
         self._at.pop(key, None)
 
     def get(self, key: K) -> float | None:
-        return self._at.get(key)
+        live = self._at.get(key)
+        return live[0] if live is not None else None
 
     def __contains__(self, key: object) -> bool:
         return key in self._at
@@ -104,18 +107,11 @@ class Deadlines(Generic[K]):
 
     def _prune(self) -> None:
         heap = self._heap
-        while heap:
-            when, _n, key = heap[0]
-            if self._at.get(key) == when:
-                return  # a duplicate (same key armed twice at one time) goes stale once popped
-            heapq.heappop(heap)
+        while heap and self._at.get(heap[0][2]) != heap[0][:2]:
+            heapq.heappop(heap)  # a cancelled or re-armed item
 
     def _compact(self) -> None:
-        latest: dict[K, tuple[float, int, K]] = {}
-        for item in self._heap:
-            if self._at.get(item[2]) == item[0]:
-                latest[item[2]] = max(latest.get(item[2], item), item)
-        self._heap = list(latest.values())
+        self._heap = [(when, order, key) for key, (when, order) in self._at.items()]
         heapq.heapify(self._heap)
 
 
