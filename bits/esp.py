@@ -275,7 +275,7 @@ class SecurityAssociation:
         return out
 
     def _encap_tunnel(self, packet: bytes, now: float) -> bytes | Drop:
-        """Tunnel mode (RFC 4303 section 3.1.2): outer header from the SA, ESP, whole inner packet."""
+        """Tunnel mode (RFC 4303 section 3.1.2): outer header from the SA, ESP, inner packet."""
         if now >= self._deadline and self._expired_at(now):
             return self._drop(DropReason.SA_EXPIRED)
         n = len(packet)
@@ -320,8 +320,10 @@ class SecurityAssociation:
         s = self._outer_sum + tos + total + ident + frag
         s = (s & 0xFFFF) + (s >> 16)
         s = (s & 0xFFFF) + (s >> 16)
-        ttl, proto = TUNNEL_HOP_LIMIT, _PROTO_ESP
-        return _V4_HEAD.pack(0x45, tos, total, ident, frag, ttl, proto, ~s & 0xFFFF) + self._outer_tail
+        head = _V4_HEAD.pack(
+            0x45, tos, total, ident, frag, TUNNEL_HOP_LIMIT, _PROTO_ESP, ~s & 0xFFFF
+        )
+        return head + self._outer_tail
 
     def _encap_transport(self, packet: bytes, now: float) -> bytes | Drop:
         """Transport mode: ESP goes between the IP header chain and the upper layer (RFC 4303

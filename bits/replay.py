@@ -42,7 +42,8 @@ class ReplayWindow:
     def __init__(self, size: int) -> None:
         if size != 0 and not MIN_REPLAY_WINDOW <= size <= MAX_REPLAY_WINDOW:
             raise ConfigError(
-                f"replay window must be 0 (off) or {MIN_REPLAY_WINDOW}..{MAX_REPLAY_WINDOW}, not {size}"
+                f"replay window must be 0 (off) or {MIN_REPLAY_WINDOW}..{MAX_REPLAY_WINDOW}, "
+                f"not {size}"
             )
         self.size = size
         self.top = 0  # T: highest authenticated sequence number (0: none yet)

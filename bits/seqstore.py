@@ -58,7 +58,8 @@ def sa_fingerprint(params: SaParams) -> str:
     """Stable id of an SA's keying for the reservation store: 32 hex digits of SHA-256 over a
     label, the algorithms and the (length-prefixed) keys. One-way: it reveals no key."""
     h = hashlib.sha256(_SA_ID_LABEL)
-    for part in (params.enc.value.encode(), params.enc_key, params.auth.value.encode(), params.auth_key):
+    enc, auth = params.enc.value.encode(), params.auth.value.encode()
+    for part in (enc, params.enc_key, auth, params.auth_key):
         h.update(_LEN.pack(len(part)))
         h.update(part)
     return h.hexdigest()[:_SA_ID_HEX_LEN]

@@ -295,11 +295,11 @@ def make_transform(params: SaParams, rand: Rand) -> Transform:
         aead_key, salt = key[:-AEAD_SALT_LEN], key[-AEAD_SALT_LEN:]
         if enc is EncAlg.AES_GCM_16:
             if len(aead_key) not in _GCM_KEY_LENS:
-                raise ConfigError("AES-GCM key must be 16, 24 or 32 octets followed by a 4-octet salt")
+                raise ConfigError("AES-GCM key must be 16, 24 or 32 octets and a 4-octet salt")
             name = f"aes{len(aead_key) * 8}-gcm-16"
             return _AeadTransform(name, AESGCM(aead_key), salt, params.esn)
         if len(aead_key) != _CHACHA_KEY_LEN:
-            raise ConfigError("ChaCha20-Poly1305 key must be 32 octets followed by a 4-octet salt")
+            raise ConfigError("ChaCha20-Poly1305 key must be 32 octets and a 4-octet salt")
         return _AeadTransform("chacha20-poly1305", ChaCha20Poly1305(aead_key), salt, params.esn)
     mac = _make_hmac(params)
     if enc is EncAlg.AES_CBC:

@@ -22,9 +22,14 @@ def same_or_drop(result: bytes | Drop) -> bool:
 
 
 @SETTINGS
-@given(transform=transforms, mode=modes, esn=st.booleans(), payloads=st.lists(payloads, min_size=1, max_size=6),
-       start=st.sampled_from([0, 1000, 2**32 - 3, 2**33 + 7]))
-def test_round_trip(transform: str, mode: str, esn: bool, payloads: list[bytes], start: int) -> None:
+@given(
+    transform=transforms,
+    mode=modes,
+    esn=st.booleans(),
+    payloads=st.lists(payloads, min_size=1, max_size=6),
+    start=st.sampled_from([0, 1000, 2**32 - 3, 2**33 + 7]),
+)
+def test_round_trip(transform: str, mode: str, esn: bool, payloads: list[bytes], start: int):
     if start >= 2**32 - 3 and not esn:
         start = 2**32 - 3 - len(payloads)
     out, inb = sa_pair(transform, mode, esn=esn, start_seq=start)
@@ -40,7 +45,9 @@ def test_round_trip(transform: str, mode: str, esn: bool, payloads: list[bytes],
 
 
 @SETTINGS
-@given(transform=transforms, mode=modes, data=st.binary(max_size=300), esp_offset=st.integers(-5, 120))
+@given(
+    transform=transforms, mode=modes, data=st.binary(max_size=300), esp_offset=st.integers(-5, 120)
+)
 def test_random_bytes_never_raise(transform: str, mode: str, data: bytes, esp_offset: int) -> None:
     out, inb = sa_pair(transform, mode)
     assert same_or_drop(inb.decapsulate(data, esp_offset, 0.0))
@@ -49,7 +56,7 @@ def test_random_bytes_never_raise(transform: str, mode: str, data: bytes, esp_of
 
 @SETTINGS
 @given(transform=transforms, body=st.binary(max_size=400), v6=st.booleans())
-def test_random_esp_bodies_with_a_matching_spi_are_dropped(transform: str, body: bytes, v6: bool) -> None:
+def test_random_esp_bodies_with_a_matching_spi_are_dropped(transform: str, body: bytes, v6: bool):
     """Past the cheap checks (right SPI, consistent IP length) random bytes reach the crypto:
     the verdict is a typed drop, never an exception and never a packet."""
     mode = "tunnel6in6" if v6 else "tunnel4in4"
@@ -58,7 +65,8 @@ def test_random_esp_bodies_with_a_matching_spi_are_dropped(transform: str, body:
     if v6:
         pkt = bytes([0x60, 0, 0, 0]) + struct.pack("!HBB", len(esp), 50, 64) + bytes(32) + esp
     else:
-        pkt = bytes([0x45, 0]) + struct.pack("!H", 20 + len(esp)) + bytes(5) + b"\x32" + bytes(10) + esp
+        head = bytes([0x45, 0]) + struct.pack("!H", 20 + len(esp)) + bytes(5) + b"\x32"
+        pkt = head + bytes(10) + esp
     result = inb.decapsulate(pkt, 40 if v6 else 20, 0.0)
     assert isinstance(result, Drop)
     assert result.reason in (DropReason.MALFORMED, DropReason.AUTH_FAILED)
@@ -66,7 +74,7 @@ def test_random_esp_bodies_with_a_matching_spi_are_dropped(transform: str, body:
 
 @SETTINGS
 @given(transform=transforms, mode=modes, payload=payloads, data=st.data())
-def test_mutated_packets_drop_or_decapsulate_never_raise(transform: str, mode: str, payload: bytes, data) -> None:
+def test_mutated_packets_drop_or_decapsulate_never_raise(transform: str, mode: str, payload, data):
     out, inb = sa_pair(transform, mode)
     pkt = out.encapsulate(inner_packet(mode, payload), 0.0)
     assert isinstance(pkt, bytes)
@@ -87,8 +95,14 @@ def test_mutated_packets_drop_or_decapsulate_never_raise(transform: str, mode: s
 
 
 @SETTINGS
-@given(transform=st.sampled_from(["gcm128", "gcm256", "chacha"]), ops=st.lists(
-    st.tuples(st.integers(0, 30), st.sampled_from(["ok", "tamper", "ecn", "cut"])), min_size=1, max_size=40))
+@given(
+    transform=st.sampled_from(["gcm128", "gcm256", "chacha"]),
+    ops=st.lists(
+        st.tuples(st.integers(0, 30), st.sampled_from(["ok", "tamper", "ecn", "cut"])),
+        min_size=1,
+        max_size=40,
+    ),
+)
 def test_fast_path_equals_generic_path(transform: str, ops: list[tuple[int, str]]) -> None:
     fast_out, fast_in = sa_pair(transform, "tunnel6in6", window=32)
     assert fast_in.decapsulate.__name__ == "_decap_fast6"
@@ -104,4 +118,5 @@ def test_fast_path_equals_generic_path(transform: str, ops: list[tuple[int, str]
             del buf[60:]
         assert fast_in.decapsulate(bytes(buf), 40, 0.0) == slow_in._decap(bytes(buf), 40, 0.0)
     assert fast_in.stats == slow_in.stats
-    assert (fast_in.replay.top, fast_in.replay.bitmap) == (slow_in.replay.top, slow_in.replay.bitmap)
+    assert fast_in.replay.top == slow_in.replay.top
+    assert fast_in.replay.bitmap == slow_in.replay.bitmap

@@ -1,4 +1,4 @@
-"""Shared helpers for the ESP tests (SA pairs, packets, locating ESP), plus checks of the helpers."""
+"""Shared helpers for the ESP tests (SA pairs, packets, finding ESP) and checks of the helpers."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ TRANSFORMS = {
     "gcm256": (EncAlg.AES_GCM_16, bytes(range(32)) + b"salt", AuthAlg.NONE, b"", "AES-GCM", "NULL"),
     "cbc": (EncAlg.AES_CBC, bytes(range(100, 116)), AuthAlg.HMAC_SHA256_128, bytes(range(32, 64)),
             "AES-CBC", "SHA2-256-128"),
-    "null": (EncAlg.NULL, b"", AuthAlg.HMAC_SHA256_128, bytes(range(64, 96)), "NULL", "SHA2-256-128"),
+    "null": (EncAlg.NULL, b"", AuthAlg.HMAC_SHA256_128, bytes(range(64, 96)), "NULL",
+             "SHA2-256-128"),
     "chacha": (EncAlg.CHACHA20_POLY1305, bytes(range(200, 232)) + b"chch", AuthAlg.NONE, b"",
                "CHACHA20-POLY1305", "NULL"),
 }
@@ -62,14 +63,20 @@ def sa_params(
 
 
 def sa_pair(
-    transform: str = "gcm128", mode: str = "tunnel6in6", *, start_seq: int = 0, rand=os.urandom, now: float = 0.0,
+    transform: str = "gcm128",
+    mode: str = "tunnel6in6",
+    *,
+    start_seq: int = 0,
+    rand=os.urandom,
+    now: float = 0.0,
     **kw,
 ) -> tuple[SecurityAssociation, SecurityAssociation]:
-    """(outbound, inbound) SAs with the same keys; the outbound one continues after ``start_seq``."""
+    """(outbound, inbound) SAs with the same keys; the outbound one sends ``start_seq`` + 1 next."""
     out_p = sa_params(transform, mode, **kw)
     reserver = MemorySeqReserver({sa_fingerprint(out_p): start_seq})
     out = SecurityAssociation(out_p, rand=rand, reserver=reserver, now=now)
-    inb = SecurityAssociation(dataclasses.replace(out_p, direction=Direction.IN), rand=rand, now=now)
+    in_p = dataclasses.replace(out_p, direction=Direction.IN)
+    inb = SecurityAssociation(in_p, rand=rand, now=now)
     return out, inb
 
 
@@ -89,11 +96,13 @@ def inner_packet(mode: str, payload: bytes = b"hello, esp") -> bytes:
     if mode.startswith("transport"):
         src, dst = (A6, B6) if family == 6 else (A4, B4)
     else:
-        src, dst = (ipaddress.ip_address("2001:db8:aaaa::1"), ipaddress.ip_address("2001:db8:bbbb::2")) \
-            if inner == 6 else (ipaddress.ip_address("10.1.0.1"), ipaddress.ip_address("10.2.0.2"))
+        inner6 = ("2001:db8:aaaa::1", "2001:db8:bbbb::2")
+        src, dst = inner6 if inner == 6 else ("10.1.0.1", "10.2.0.2")
     if inner == 6:
-        return bytes(IPv6(src=str(src), dst=str(dst), tc=0xB9, fl=0x12345) / UDP(sport=1234, dport=5678) / Raw(payload))
-    return bytes(IP(src=str(src), dst=str(dst), tos=0xB9, flags="DF", id=777) / UDP(sport=1234, dport=5678) / Raw(payload))
+        ip = IPv6(src=str(src), dst=str(dst), tc=0xB9, fl=0x12345)
+    else:
+        ip = IP(src=str(src), dst=str(dst), tos=0xB9, flags="DF", id=777)
+    return bytes(ip / UDP(sport=1234, dport=5678) / Raw(payload))
 
 
 def find_esp(packet: bytes) -> int:

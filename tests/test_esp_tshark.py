@@ -1,4 +1,4 @@
-"""tshark 4.0 decrypts and verifies what we emit (docs: /work/shared/reference/verify-with-tshark.md).
+"""tshark 4.0 decrypts and verifies what we emit (see shared/reference/verify-with-tshark.md).
 
 tshark 4.0 has no ChaCha20-Poly1305 and no ESN; ChaCha20 packets are checked with ``cryptography``
 following RFC 7634 instead. Marked ``tshark``: deselect with ``-m "not tshark"``.
@@ -63,9 +63,11 @@ def test_tshark_decrypts_every_mode_with_good_icv(transform: str, tmp_path: Path
         options += ["-o", uat(spi, transform, MODES[mode][1])]
     pcap = tmp_path / f"{transform}.pcap"
     wrpcap(str(pcap), packets, linktype=101)  # LINKTYPE_RAW: IPv4 and IPv6 in one file
-    fields = ["frame.number", "esp.spi", "esp.sequence", "esp.icv_good", "esp.protocol", "udp.dstport", "mip6.mhtype"]
+    fields = ["frame.number", "esp.spi", "esp.sequence", "esp.icv_good", "esp.protocol",
+              "udp.dstport", "mip6.mhtype"]
     cmd = [tshark, "-n", "-r", str(pcap), "-o", "esp.enable_encryption_decode:TRUE",
-           "-o", "esp.enable_authentication_check:TRUE", *options, "-T", "fields", "-E", "separator=/t"]
+           "-o", "esp.enable_authentication_check:TRUE", *options,
+           "-T", "fields", "-E", "separator=/t"]
     for f in fields:
         cmd += ["-e", f]
     env = dict(os.environ, HOME=str(tmp_path))

@@ -43,10 +43,11 @@ def outbound(params: SaParams, next_seq: int, iv: bytes = b"") -> SecurityAssoci
     return SecurityAssociation(params, rand=lambda n: iv[:n], reserver=reserver, now=0.0)
 
 
-# --- RFC 7634 Appendix A: tunnel-mode ESP with ChaCha20-Poly1305 ------------------------------------
+# --- RFC 7634 Appendix A: tunnel-mode ESP with ChaCha20-Poly1305 ----------------------------
 
-RFC7634_KEYMAT = unhex("80 81 82 83 84 85 86 87 88 89 8a 8b 8c 8d 8e 8f 90 91 92 93 94 95 96 97 98 99 9a 9b 9c 9d"
-                       "9e 9f a0 a1 a2 a3")
+RFC7634_KEYMAT = unhex("""
+    80 81 82 83 84 85 86 87 88 89 8a 8b 8c 8d 8e 8f 90 91 92 93 94 95 96 97 98 99 9a 9b 9c 9d 9e 9f
+    a0 a1 a2 a3""")
 RFC7634_SOURCE = unhex("""
     45 00 00 54 a6 f2 00 00 40 01 e7 78 c6 33 64 05 c0 00 02 05 08 00 5b 7a 3a 08 00 00 55 3b ec 10
     00 07 36 27 08 09 0a 0b 0c 0d 0e 0f 10 11 12 13 14 15 16 17 18 19 1a 1b 1c 1d 1e 1f 20 21 22 23
@@ -71,7 +72,8 @@ def test_rfc7634_appendix_a_byte_for_byte() -> None:
     plaintext = RFC7634_SOURCE + trailer(t, len(RFC7634_SOURCE), 4)
     assert plaintext[-4:] == h("01020204")  # "Plaintext (includes padding and pad length)"
     esp = t.seal_with_iv(0x01020304, 5, h("1011121314151617"), plaintext)
-    outer = push_ipv4_header(RFC7634_PARAMS.src.packed, RFC7634_PARAMS.dst.packed, 50, 20 + len(esp), ident=0x2345)
+    src, dst = RFC7634_PARAMS.src.packed, RFC7634_PARAMS.dst.packed
+    outer = push_ipv4_header(src, dst, 50, 20 + len(esp), ident=0x2345)
     assert outer + esp == RFC7634_ESP_PACKET
 
 
@@ -82,7 +84,8 @@ def test_rfc7634_appendix_a_through_the_sa() -> None:
     pkt = sa.encapsulate(RFC7634_SOURCE, 0.0)
     assert isinstance(pkt, bytes)
     assert len(pkt) == len(RFC7634_ESP_PACKET)
-    assert pkt[:4] == RFC7634_ESP_PACKET[:4] and pkt[6:10] == RFC7634_ESP_PACKET[6:10]  # only ident + checksum differ
+    # only the Identification and so the checksum differ in the outer header
+    assert pkt[:4] == RFC7634_ESP_PACKET[:4] and pkt[6:10] == RFC7634_ESP_PACKET[6:10]
     assert pkt[12:20] == RFC7634_ESP_PACKET[12:20] and ipv4_checksum(pkt[:20]) == 0
     assert peek_spi_seq(pkt, 20) == (0x01020304, 5)
     iv = pkt[28:36]
@@ -90,7 +93,8 @@ def test_rfc7634_appendix_a_through_the_sa() -> None:
     key, salt = RFC7634_KEYMAT[:32], RFC7634_KEYMAT[32:]
     opened = ChaCha20Poly1305(key).decrypt(salt + iv, pkt[36:], pkt[20:28])
     assert opened == RFC7634_SOURCE + h("01020204")
-    peer = SecurityAssociation(dataclasses.replace(RFC7634_PARAMS, direction=Direction.IN), rand=bytes, now=0.0)
+    peer_params = dataclasses.replace(RFC7634_PARAMS, direction=Direction.IN)
+    peer = SecurityAssociation(peer_params, rand=bytes, now=0.0)
     assert peer.decapsulate(RFC7634_ESP_PACKET, 20, 0.0) == RFC7634_SOURCE
 
 
@@ -148,8 +152,8 @@ RFC3602_ESP = [
 
 def rfc3602_params(v: dict) -> SaParams:
     return SaParams(
-        v["spi"], ipaddress.ip_address(v["src"]), ipaddress.ip_address(v["dst"]), Direction.OUT, v["mode"],
-        EncAlg.AES_CBC, unhex(v["key"]), AuthAlg.HMAC_SHA256_128, AUTH_KEY,
+        v["spi"], ipaddress.ip_address(v["src"]), ipaddress.ip_address(v["dst"]), Direction.OUT,
+        v["mode"], EncAlg.AES_CBC, unhex(v["key"]), AuthAlg.HMAC_SHA256_128, AUTH_KEY,
     )
 
 

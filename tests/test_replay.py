@@ -43,8 +43,10 @@ WINDOW_TABLE = [
 ]
 
 
-@pytest.mark.parametrize("row,size,committed,seq,expected", WINDOW_TABLE, ids=[f"row{r[0]}" for r in WINDOW_TABLE])
-def test_window_table(row: int, size: int, committed: list[int], seq: int, expected: ReplayCheck) -> None:
+@pytest.mark.parametrize(
+    "row,size,committed,seq,expected", WINDOW_TABLE, ids=[f"row{r[0]}" for r in WINDOW_TABLE]
+)
+def test_window_table(row: int, size: int, committed: list[int], seq: int, expected: ReplayCheck):
     w = ReplayWindow(size)
     for s in committed:
         assert w.check(s) is OK, f"row {row}: setup packet {s} rejected"
@@ -82,7 +84,7 @@ ESN_TABLE = [
     (1, 64, 1000, 1001, 1001),  # right of T, same block
     (2, 64, 1000, 937, 937),  # left edge Tl - W + 1 = 937: same block
     (3, 64, 1000, 936, (1 << 32) | 936),  # left of the window: taken as the next block
-    (4, 64, (5 << 32) | 2**32 - 1, 0, (6 << 32) | 0),  # rollover across 2^32: SeqL 0 is block Th + 1
+    (4, 64, (5 << 32) | 2**32 - 1, 0, (6 << 32) | 0),  # rollover: SeqL 0 is in block Th + 1
     (5, 64, (5 << 32) | 2**32 - 1, 2**32 - 2, (5 << 32) | 2**32 - 2),  # just behind T, same block
     (6, 64, (5 << 32) | 63, 0, (5 << 32) | 0),  # Tl = W - 1: window [0, 63] in block 5
     # case B: Tl < W - 1, the window straddles the block boundary
@@ -97,7 +99,9 @@ ESN_TABLE = [
 ]
 
 
-@pytest.mark.parametrize("row,size,top,seq_lo,expected", ESN_TABLE, ids=[f"esn{r[0]}" for r in ESN_TABLE])
+@pytest.mark.parametrize(
+    "row,size,top,seq_lo,expected", ESN_TABLE, ids=[f"esn{r[0]}" for r in ESN_TABLE]
+)
 def test_esn_inference_table(row: int, size: int, top: int, seq_lo: int, expected: int) -> None:
     w = ReplayWindow(size)
     if top:

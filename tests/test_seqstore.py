@@ -52,10 +52,11 @@ def test_fingerprint_is_a_hash_of_the_keying_only() -> None:
     cbc = dataclasses.replace(
         OUT, enc=EncAlg.AES_CBC, enc_key=KEY[:16], auth=AuthAlg.HMAC_SHA256_128, auth_key=bytes(32)
     )
-    assert sa_fingerprint(cbc) != sa_fingerprint(dataclasses.replace(cbc, auth_key=bytes(31) + b"\x01"))
+    other_auth_key = dataclasses.replace(cbc, auth_key=bytes(31) + b"\x01")
+    assert sa_fingerprint(cbc) != sa_fingerprint(other_auth_key)
 
 
-# --- in-memory reserver and the SA's reservation protocol ------------------------------------------
+# --- in-memory reserver and the SA's reservation protocol ----------------------------------
 
 
 def test_first_packet_reserves_a_block_before_it_is_sent() -> None:
@@ -230,7 +231,9 @@ def test_sa_with_file_store_survives_restart(tmp_path) -> None:
     assert second == [BLOCK + 1 + i for i in range(5)]
 
 
-@pytest.mark.parametrize("content", [b"", b"12", b"-5\n", b"0x10\n", b"12\n13\n", b"007\n", b"1" * 30 + b"\n"])
+@pytest.mark.parametrize(
+    "content", [b"", b"12", b"-5\n", b"0x10\n", b"12\n13\n", b"007\n", b"1" * 30 + b"\n"]
+)
 def test_corrupt_file_refuses_to_start_at_zero(tmp_path, content: bytes) -> None:
     d = tmp_path / "s"
     r = FileSeqReserver(d)
@@ -252,7 +255,7 @@ def test_state_dir_must_be_private(tmp_path) -> None:
     d = tmp_path / "open"
     d.mkdir(mode=0o755)
     os.chmod(d, 0o755)
-    with pytest.raises(SeqStoreError, match="group/others"):
+    with pytest.raises(SeqStoreError, match="group/others have access"):
         FileSeqReserver(d)
 
 

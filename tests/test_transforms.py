@@ -1,4 +1,4 @@
-"""Known-answer tests for bits/transforms.py (RFC 3602, RFC 4868, RFC 7634, draft-mcgrew-gcm-test-01)."""
+"""Known answers for bits/transforms.py: RFC 3602, 4868, 7634 and draft-mcgrew-gcm-test-01."""
 
 from __future__ import annotations
 
@@ -20,12 +20,13 @@ A = ipaddress.ip_address("192.0.2.1")
 B = ipaddress.ip_address("192.0.2.2")
 
 
-def params(enc: EncAlg, key: bytes, auth: AuthAlg = AuthAlg.NONE, akey: bytes = b"", esn: bool = False):
+def params(enc: EncAlg, key: bytes, auth: AuthAlg = AuthAlg.NONE, akey: bytes = b"", esn=False):
     return SaParams(0x1001, A, B, Direction.OUT, Mode.TUNNEL, enc, key, auth, akey, esn)
 
 
 def cbc(key: bytes, akey: bytes = bytes(32), esn: bool = False):
-    return make_transform(params(EncAlg.AES_CBC, key, AuthAlg.HMAC_SHA256_128, akey, esn), os.urandom)
+    p = params(EncAlg.AES_CBC, key, AuthAlg.HMAC_SHA256_128, akey, esn)
+    return make_transform(p, os.urandom)
 
 
 def gcm(key_salt: bytes, esn: bool = False):
@@ -38,7 +39,7 @@ def null(akey: bytes, esn: bool = False):
 
 h = bytes.fromhex
 
-# --- RFC 3602 section 4, cases 1-4: AES-CBC with a 128-bit key -------------------------------------
+# --- RFC 3602 section 4, cases 1-4: AES-CBC with a 128-bit key -----------------------------
 
 RFC3602_CBC = [
     # (case, key, IV, plaintext, ciphertext)
@@ -69,7 +70,8 @@ def test_rfc3602_cbc_vectors(case: int, key: str, iv: str, pt: str, ct: str) -> 
         assert esp[:8] == struct.pack("!II", 0x4321, 7)
         assert esp[8:24] == h(iv)
         assert esp[24:-16].hex() == ct
-        assert esp[-16:] == hmac.new(akey, esp[:-16], hashlib.sha256).digest()[:16]  # encrypt-then-MAC
+        # encrypt-then-MAC: the ICV covers header, IV and ciphertext
+        assert esp[-16:] == hmac.new(akey, esp[:-16], hashlib.sha256).digest()[:16]
         assert t.open(esp, 0, len(esp), 7) == h(pt)
 
 
@@ -91,7 +93,8 @@ def test_cbc_contexts_survive_interleaving() -> None:
 
 def test_cbc_iv_comes_from_rand() -> None:
     ivs = iter([b"\x11" * 16, b"\x22" * 16])
-    t = make_transform(params(EncAlg.AES_CBC, bytes(16), AuthAlg.HMAC_SHA256_128, bytes(32)), lambda n: next(ivs))
+    p = params(EncAlg.AES_CBC, bytes(16), AuthAlg.HMAC_SHA256_128, bytes(32))
+    t = make_transform(p, lambda n: next(ivs))
     assert t.seal(1, 1, bytes(16))[8:24] == b"\x11" * 16
     assert t.seal(1, 2, bytes(16))[8:24] == b"\x22" * 16
 
@@ -103,12 +106,13 @@ def test_cbc_open_rejects_bad_mac_before_decrypting() -> None:
     assert t.open(bytes(esp), 0, len(esp), 1) is None
 
 
-# --- RFC 4868 section 2.7.2.1: HMAC-SHA-256-128 (through the NULL transform) ------------------------
+# --- RFC 4868 section 2.7.2.1: HMAC-SHA-256-128 (through the NULL transform) ----------------
 
 RFC4868_AUTH256 = [
     # (test case, key, data, HMAC-SHA-256-128); the first 8 data octets play SPI | Seq
     ("AUTH256-1", "0b" * 32, b"Hi There".hex(), "198a607eb44bfbc69903a0f1cf2bbdc5"),
-    ("AUTH256-2", b"Jefe".hex() * 8, b"what do ya want for nothing?".hex(), "167f928588c5cc2eef8e3093caa0e87c"),
+    ("AUTH256-2", b"Jefe".hex() * 8, b"what do ya want for nothing?".hex(),
+     "167f928588c5cc2eef8e3093caa0e87c"),
     ("AUTH256-3", "aa" * 32, "dd" * 50, "cdcb1220d1ecccea91e53aba3092f962"),
     ("AUTH256-4", "0102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f20", "cd" * 50,
      "372efcf9b40b35c2115b1346903d2ef4"),
@@ -138,11 +142,12 @@ def test_esn_high_half_is_appended_to_the_mac_input_only() -> None:
     assert t.open(esp, 0, len(esp), seq + (1 << 32)) is None  # wrong inferred high half fails
 
 
-# --- draft-mcgrew-gcm-test-01 section 4: AES-GCM in ESP (RFC 4106) ----------------------------------
+# --- draft-mcgrew-gcm-test-01 section 4: AES-GCM in ESP (RFC 4106) --------------------------
 
 # (label, key, salt, SPI, full sequence number, ESN, IV, plaintext incl. trailer, ciphertext || tag)
 MCGREW_GCM = [
-    ("case1-aes128-esn", "4c80cdefbb5d10da906ac73c3613a634", "2e443b68", 0x4321, 0x8765432100000000, True,
+    ("case1-aes128-esn", "4c80cdefbb5d10da906ac73c3613a634", "2e443b68", 0x4321,
+     0x8765432100000000, True,
      "4956ed7e3b244cfe",
      "45000048699a000080114db7c0a80102c0a801010a9bf15638d301000001000000000000045f736970045f7564"
      "70037369700963796265726369747902646b000021000101020201",
@@ -163,7 +168,9 @@ MCGREW_GCM = [
 ]
 
 
-@pytest.mark.parametrize("label,key,salt,spi,seq,esn,iv,pt,ct", MCGREW_GCM, ids=[v[0] for v in MCGREW_GCM])
+@pytest.mark.parametrize(
+    "label,key,salt,spi,seq,esn,iv,pt,ct", MCGREW_GCM, ids=[v[0] for v in MCGREW_GCM]
+)
 def test_gcm_esp_vectors(label, key, salt, spi, seq, esn, iv, pt, ct) -> None:
     t = gcm(h(key) + h(salt), esn=esn)
     esp = t.seal_with_iv(spi, seq, h(iv), h(pt))
@@ -191,7 +198,8 @@ def test_gcm_esn_aad_is_spi_seqhi_seqlo() -> None:
     esp = t.seal(0x99, seq, b"wxyz")
     assert esp[4:8] == (4).to_bytes(4, "big")
     assert esp[8:16] == seq.to_bytes(8, "big")
-    assert AESGCM(key).decrypt(salt + esp[8:16], esp[16:], struct.pack("!III", 0x99, 3, 4)) == b"wxyz"
+    aad = struct.pack("!III", 0x99, 3, 4)
+    assert AESGCM(key).decrypt(salt + esp[8:16], esp[16:], aad) == b"wxyz"
 
 
 # --- RFC 7634 Appendix A: ChaCha20-Poly1305 -----------------------------------------------------
@@ -228,7 +236,8 @@ def test_chacha20_matches_cryptography_directly() -> None:
 
 @pytest.mark.parametrize(
     "transform,length,pad",
-    [("gcm", 17, 1), ("cbc", 17, 13), ("gcm", 2, 0), ("cbc", 14, 0), ("null", 0, 2), ("cbc", 0, 14)],
+    [("gcm", 17, 1), ("cbc", 17, 13), ("gcm", 2, 0), ("cbc", 14, 0), ("null", 0, 2),
+     ("cbc", 0, 14)],
 )
 def test_trailer_pads_to_the_block(transform: str, length: int, pad: int) -> None:
     """esp.md section 2 TEST: a 17-octet payload gets pad 1 with GCM and 13 with AES-CBC."""

@@ -37,7 +37,7 @@ class FileSeqReserver:
         if not stat.S_ISDIR(st.st_mode):
             raise SeqStoreError(f"sequence state dir {self.state_dir} is not a directory")
         if st.st_mode & 0o077:
-            raise SeqStoreError(f"sequence state dir {self.state_dir} is accessible by group/others")
+            raise SeqStoreError(f"sequence state dir {self.state_dir}: group/others have access")
 
     def _path(self, sa_id: str) -> str:
         if not _SA_ID.fullmatch(sa_id):
