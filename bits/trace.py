@@ -23,6 +23,7 @@ Levels:
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum, IntEnum
@@ -112,15 +113,17 @@ def address_text(value: object) -> str:
 
     Ints are accepted but ambiguous (a small IPv6 int reads as IPv4): pass bytes when you can.
     """
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return str(ipaddress.ip_address(bytes(value)))
+    cls = value.__class__
+    if cls is bytes or cls is bytearray or cls is memoryview:
+        n = len(value)  # type: ignore[arg-type]
+        if n == 4:
+            return socket.inet_ntop(socket.AF_INET, value)  # type: ignore[arg-type]
+        if n == 16:
+            return socket.inet_ntop(socket.AF_INET6, value)  # type: ignore[arg-type]
+        raise ValueError(f"{n}-octet address")
+    if cls is str:
+        return value  # type: ignore[return-value]
     return str(ipaddress.ip_address(value))  # type: ignore[arg-type]
-
-
-def _plain(value: object) -> object:
-    return value.value if isinstance(value, Enum) else value
 
 
 class Tracer:
@@ -147,35 +150,35 @@ class Tracer:
         self.wants_all = on and self.level >= TraceLevel.ALL
 
     def emit(self, event: str | TraceEventName, **fields: object) -> None:
-        """Record one event if the level asks for it. Never raises on odd field values."""
+        """Record one event if the level asks for it. Never raises on odd field values.
+
+        The record starts ``time`` (None: the sink stamps it), ``component``, ``event``, then the
+        fields in the order given (None values left out), then ``queue``.
+        """
         name = str(event)
         if not (self.wants_all or (self.wants_drops and name in NOTABLE_EVENTS)):
             return
-        record = make_record(name, self.component, self.queue, fields)
-        self._sink(record)  # type: ignore[misc]  # wants_* are False without a sink
+        component = fields.pop("component", None) or self.component
+        self._sink(make_record(name, component, self.queue, fields))  # type: ignore[misc]
 
 
 def make_record(event: str, component: str, queue: int | None, fields: Mapping[str, object]) -> Record:
-    """Build the dict for one event: schema order first, then extra fields; None left out."""
-    record: Record = {}
-    merged = {"component": component, "event": event, "queue": queue, **fields}
-    for key in FIELDS:
-        value = merged.pop(key, None)
-        if value is not None:
-            record[key] = _field(key, value)
-    for key, value in merged.items():
-        if value is not None:
-            record[key] = _plain(value)
+    """The dict for one event: addresses as text, enums as their values, None left out."""
+    record: Record = {"time": None, "component": component, "event": event}
+    for key, value in fields.items():
+        if value is None:
+            continue
+        if key in ADDRESS_FIELDS:
+            try:
+                value = address_text(value)
+            except (ValueError, TypeError):
+                value = repr(value)
+        elif isinstance(value, Enum):
+            value = value.value
+        record[key] = value
+    if queue is not None and "queue" not in record:
+        record["queue"] = queue
     return record
-
-
-def _field(key: str, value: object) -> object:
-    if key in ADDRESS_FIELDS:
-        try:
-            return address_text(value)
-        except (ValueError, TypeError):
-            return repr(value)
-    return _plain(value)
 
 
 @dataclass(frozen=True, slots=True)

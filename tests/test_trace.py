@@ -71,12 +71,12 @@ def test_record_schema_normalises_fields() -> None:
                 inner_src=V4A, inner_dst=ipaddress.ip_address("10.0.0.2"), outer_src=V6A,
                 outer_dst="2001:db8::2", length=120, sa_state="mature", detail=None)
     (record,) = got
-    assert record == {"component": "esp", "direction": "in", "event": "drop", "reason": "replay",
+    assert record == {"time": None, "component": "esp", "direction": "in", "event": "drop", "reason": "replay",
                       "spi": 4096, "seq": 7, "inner_src": "10.0.0.1", "inner_dst": "10.0.0.2",
                       "outer_src": "2001:db8::1", "outer_dst": "2001:db8::2", "length": 120,
                       "queue": 3, "sa_state": "mature"}
-    keys = [k for k in record if k in FIELDS]
-    assert keys == [k for k in FIELDS if k in record]  # schema order
+    assert list(record)[:3] == ["time", "component", "event"]  # the sink stamps time
+    assert set(record) - {"sa_state"} <= set(FIELDS)
     json.dumps(record)  # JSON-able as is
 
 
@@ -174,6 +174,25 @@ def test_two_writers_share_one_file_across_rotation(tmp_path) -> None:
     for n in range(1, 6):
         if os.path.exists(f"{path}.{n}"):
             assert all(isinstance(r, dict) for r in lines_of(f"{path}.{n}"))
+
+
+def test_unencodable_record_becomes_an_error_line(tmp_path) -> None:
+    path = tmp_path / "t.jsonl"
+    w = TraceWriter(path, clock=lambda: 1.0)
+    loop: dict = {}
+    loop["self"] = loop
+    w.write({"event": "drop", "odd": loop})  # must not raise into the engine
+    w.close()
+    (record,) = lines_of(str(path))
+    assert record["event"] == "error" and "unencodable" in record["detail"]
+
+
+def test_full_disk_loses_lines_not_packets() -> None:
+    w = TraceWriter("/dev/full", clock=lambda: 1.0)
+    w.write({"event": "drop"})
+    w.flush()  # ENOSPC: counted, not raised
+    assert w.errors == 1
+    w.close()
 
 
 def test_open_trace_writer_off_or_pathless(tmp_path) -> None:

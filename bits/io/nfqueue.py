@@ -30,12 +30,14 @@ import contextlib
 import ctypes
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 from ..constants import Direction
@@ -48,6 +50,7 @@ LOG = logging.getLogger("mipbits.nfqueue")
 
 HOUSEKEEPING_EVERY = 256  # packets between housekeeping runs inside the callback
 MAX_TIMER_WAIT = 1.0  # seconds the loop sleeps at most
+TIMER_RECHECK = 0.5  # seconds between next_timer() calls when no deadline is nearer
 DEFAULT_MAXLEN = 4096  # kernel queue length (packets) per queue
 ACCEPTED, MODIFIED, DROPPED, ERRORS = range(4)
 _COUNTER_NAMES = ("accepted", "modified", "dropped", "errors")
@@ -181,7 +184,10 @@ class Processor:
         self._queues: list[Any] = []
         self._setters: list[tuple[Direction, Callable[[Callable[[bytes, float], Any]], None]]] = []
         self._control: ControlServer | None = None
-        self._sel = selectors.DefaultSelector()
+        self._epoll = select.epoll()
+        self._on_ready: dict[int, Callable[[], None]] = {}  # fd -> what to do when readable
+        self._control_ready = False
+        self._timer_due = 0.0  # when to ask the engine's next_timer() again
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -207,27 +213,42 @@ class Processor:
                 ) from None
             self._queues.append(nfq)
             self._setters.append((direction, setter))
-            self._sel.register(nfq.get_fd(), selectors.EVENT_READ, nfq)
-        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+            self._watch(nfq.get_fd(), partial(nfq.run, block=False))
+        self._watch(self._wake_r.fileno(), self._drain_wakeups)
         if self.control_path:
             handler = make_engine_handler(lambda: self.engine, self.processor_status)
             self._control = ControlServer(self.control_path, handler)
-            self._sel.register(self._control.fileno(), selectors.EVENT_READ, "control")
+            self._watch(self._control.fileno(), self._mark_control_ready)
         self._trace(TraceEventName.START, detail=f"pid {os.getpid()} queues {self._queue_text()}")
         LOG.info("bound NFQUEUE %s (pid %d)", self._queue_text(), os.getpid())
 
     def serve(self) -> None:
-        """Run until ``request_stop``."""
+        """Run until ``request_stop``: wait, drain the ready queues, housekeeping, repeat."""
+        poll = self._epoll.poll
+        on_ready = self._on_ready
         while not self._stop:
-            for key, _ in self._sel.select(self._timeout()):
-                if key.data == "wake":
-                    with contextlib.suppress(OSError):
-                        self._wake_r.recv(4096)
-                elif key.data == "control":
-                    pass  # served in housekeeping
-                else:
-                    key.data.run(block=False)
-            self._housekeeping()
+            timeout = min(MAX_TIMER_WAIT, max(0.0, self._timer_due - time.monotonic()))
+            for fd, _ in poll(timeout):
+                action = on_ready.get(fd)
+                if action is not None:
+                    action()
+            self._housekeeping(control=self._control_ready)
+
+    def _watch(self, fd: int, action: Callable[[], None]) -> None:
+        self._on_ready[fd] = action
+        self._epoll.register(fd, select.EPOLLIN)
+
+    def _unwatch(self, fd: int) -> None:
+        if self._on_ready.pop(fd, None) is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._epoll.unregister(fd)
+
+    def _drain_wakeups(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_r.recv(4096)
+
+    def _mark_control_ready(self) -> None:
+        self._control_ready = True
 
     def close(self) -> None:
         """Unbind, stop the control socket, trace the stop, close the engine and the trace."""
@@ -244,7 +265,7 @@ class Processor:
                 LOG.exception("engine.close() failed")
         if self.trace_writer is not None:
             self.trace_writer.close()
-        self._sel.close()
+        self._epoll.close()
         self._wake_r.close()
         self._wake_w.close()
 
@@ -265,40 +286,39 @@ class Processor:
         with contextlib.suppress(OSError):
             self._wake_w.send(b"\0")
 
-    def _housekeeping(self) -> None:
+    def _housekeeping(self, control: bool = True) -> None:
+        """Signals, control requests, engine timers, trace flush. Also run from the packet
+        callback every HOUSEKEEPING_EVERY packets (``control`` True: poll the socket anyway)."""
         if self._stop:
             self._unbind_all()  # under a flood this is what makes run(block=False) return
             return
         if self._reload:
             self._reload = False
             self._do_reload()
-        if self._control is not None:
+        if control and self._control is not None:
+            self._control_ready = False
             self._control.service(0)
-        self._timers()
+        now = time.monotonic()
+        if now >= self._timer_due:
+            self._timers(now)
         if self.trace_writer is not None:
             self.trace_writer.flush()
 
-    def _timeout(self) -> float:
+    def _timers(self, now: float) -> None:
+        """Run due engine timers; ask ``next_timer()`` again at the deadline or in TIMER_RECHECK
+        seconds, whichever is first (traffic may move a deadline; asking per packet costs)."""
         next_timer = getattr(self.engine, "next_timer", None)
-        deadline = next_timer() if callable(next_timer) else None
-        if deadline is None:
-            return MAX_TIMER_WAIT
-        return min(MAX_TIMER_WAIT, max(0.0, deadline - time.monotonic()))
-
-    def _timers(self) -> None:
         handle = getattr(self.engine, "handle_timer", None)
-        next_timer = getattr(self.engine, "next_timer", None)
-        if callable(handle) and callable(next_timer):
-            deadline = next_timer()
-            now = time.monotonic()
-            if deadline is not None and deadline <= now:
-                handle(now)
+        deadline = next_timer() if callable(next_timer) else None
+        if deadline is not None and deadline <= now and callable(handle):
+            handle(now)
+            deadline = next_timer()  # type: ignore[misc]
+        self._timer_due = now + TIMER_RECHECK if deadline is None else min(deadline, now + TIMER_RECHECK)
 
     def _unbind_all(self) -> None:
         while self._queues:
             nfq = self._queues.pop()
-            with contextlib.suppress(KeyError, ValueError, OSError):
-                self._sel.unregister(nfq.get_fd())
+            self._unwatch(nfq.get_fd())
             nfq.unbind()
 
     def _process_fn(self, direction: Direction) -> Callable[[bytes, float], Any]:
@@ -318,6 +338,7 @@ class Processor:
             self.engine = replacement
             for direction, setter in self._setters:
                 setter(self._process_fn(direction))
+        self._timer_due = 0.0  # SAs changed: ask for the next deadline again
         self.reloads += 1
         self._trace(TraceEventName.RELOAD, detail=f"reload {self.reloads}")
 
@@ -402,14 +423,19 @@ def run_worker(
         control_path=control_path if control_path is not None else cfg.control_socket,
         maxlen=cfg.queues.maxlen, on_reload=on_reload, role=direction.value if direction else "both",
     )
+    serve_with_signals(proc)
+    LOG.info("stopped")
+    return 0
+
+
+def serve_with_signals(proc: Processor) -> None:
+    """Bind, serve until SIGTERM/SIGINT (SIGHUP reloads), close. Main thread only."""
     with _signals(proc.request_stop, proc.request_reload, proc.wakeup_fd()):
         try:
             proc.bind()
             proc.serve()
         finally:
             proc.close()
-    LOG.info("stopped")
-    return 0
 
 
 @contextlib.contextmanager

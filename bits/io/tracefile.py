@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -27,10 +28,12 @@ from typing import BinaryIO
 
 from ..trace import Record, TraceLevel
 
+LOG = logging.getLogger("mipbits.trace")
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_KEEP = 3
 MIN_MAX_BYTES = 4096
 _FLUSH_LINES = 512  # flush at least every this many buffered events
+_dumps = json.JSONEncoder(separators=(",", ":"), default=str, check_circular=False).encode
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,26 +67,46 @@ class TraceWriter:
         self._lines: list[str] = []
         self._fd = -1
         self._ino = -1
+        self.errors = 0
+        self._error_logged = -1e9
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._open()
 
     # -- sink ------------------------------------------------------------------------------------
 
     def write(self, record: Record) -> None:
-        """Buffer one event; stamps ``time`` (wall clock) when the record has none."""
-        if "time" not in record:
-            record = {"time": round(self._clock(), 6), **record}
-        self._lines.append(json.dumps(record, separators=(",", ":"), default=str) + "\n")
+        """Buffer one event; stamps ``time`` (wall clock) when the record has none (it is ours:
+        the tracer made it for us)."""
+        if record.get("time") is None:
+            record["time"] = self._clock()
+        try:
+            line = _dumps(record)
+        except (TypeError, ValueError, RecursionError) as exc:  # a tracing bug must not cost packets
+            line = _dumps({"time": record["time"], "event": "error", "component": "trace",
+                           "detail": f"unencodable trace record: {exc}"})
+        self._lines.append(line + "\n")
         if len(self._lines) >= _FLUSH_LINES:
             self.flush()
 
     __call__ = write
 
     def flush(self) -> None:
-        """Write the buffered lines: one write(2) normally; split across files at a rotation."""
+        """Write the buffered lines. A failing disk loses trace lines, never packets: the error
+        is counted (``errors``) and logged at most once a minute."""
         if not self._lines:
             return
         lines, self._lines = self._lines, []
+        try:
+            self._write_lines(lines)
+        except OSError as exc:
+            self.errors += 1
+            now = time.monotonic()
+            if now - self._error_logged >= 60.0:
+                self._error_logged = now
+                LOG.warning("trace %s: %s (%d lines lost)", self.path, exc, len(lines))
+
+    def _write_lines(self, lines: list[str]) -> None:
+        """One write(2) normally; split across files at a rotation."""
         size = self._current_size()
         total = sum(map(len, lines))  # json.dumps output is ASCII: characters == octets
         if size + total <= self.max_bytes:
@@ -114,6 +137,7 @@ class TraceWriter:
     def _open(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
+            self._fd = -1
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         self._ino = os.fstat(self._fd).st_ino
 
