@@ -73,6 +73,9 @@ IPv4Address = ipaddress.IPv4Address
 IPv6Address = ipaddress.IPv6Address
 IPv6Network = ipaddress.IPv6Network
 
+#: BUs in total with an IPv6 CoA before a dual-stack MN tries its IPv4 CoA (RFC 5555 4.4.1).
+IPV6_COA_ATTEMPTS = 3
+
 # --- the state machine ---------------------------------------------------------------------------
 
 
@@ -354,6 +357,15 @@ class Ipv4HomeAddressRefused:
 
 
 @dataclass(frozen=True, slots=True)
+class CareOfAddressFallback:
+    """The IPv6 CoA went unanswered: registering the IPv4 CoA of the same network instead
+    (RFC 5555 4.4.1)."""
+
+    old: IPv6Address
+    new: IPv4Address
+
+
+@dataclass(frozen=True, slots=True)
 class UdpEncapsulationRefused:
     """The HA refused a BU with the F flag (RFC 5555 4.4.2): resending without F."""
 
@@ -389,6 +401,7 @@ MnEvent = Union[
     Ipv4HomeAddressAssigned,
     Ipv4HomeAddressRefused,
     UdpEncapsulationRefused,
+    CareOfAddressFallback,
     MessageIgnored,
 ]
 
@@ -430,6 +443,8 @@ class BindingUpdateList:
         self._next_seq = int.from_bytes(rand(2), "big")  # 11.7.1: "may start at any value"
         self._coa: CareOfAddress | None = None  # where we are (None: home)
         self._coa_valid_until: float | None = None
+        self._fallback_coa: IPv4Address | None = None  # RFC 5555 4.4.1: IPv4 CoA to try next
+        self._prefer_ipv4 = False  # the IPv6 CoA went unanswered: stay with IPv4 on later moves
         self._outstanding: _Outstanding | None = None
         self._pending = False  # a first transmission waits for the rate limit
         self._timeout = 0.0
@@ -478,19 +493,31 @@ class BindingUpdateList:
     # -- inputs ----------------------------------------------------------------------------------
 
     def movement(
-        self, coa: CareOfAddress | str, now: float, *, coa_valid_until: float | None = None
+        self,
+        coa: CareOfAddress | str,
+        now: float,
+        *,
+        coa_valid_until: float | None = None,
+        ipv4_coa: IPv4Address | str | None = None,
     ) -> MnResult:
         """The MN now has primary care-of address ``coa`` (11.5.1); ``coa == hoa`` (or an address
         on the home prefix) means it is back on the home link (11.5.5). An IPv4 address is a CoA
-        in an IPv4-only network (RFC 5555). Moving to the CoA already in use is a no-op except
-        after a rejection (FAILED), where it retries."""
+        in an IPv4-only network (RFC 5555). ``ipv4_coa``: a dual-stack visited network also gave
+        an IPv4 CoA; the IPv6 one is tried first and the IPv4 one after IPV6_COA_ATTEMPTS
+        unanswered BUs, and that family is kept on later moves (RFC 5555 4.4.1). Moving to the CoA
+        already in use is a no-op except after a rejection (FAILED), where it retries."""
         coa = ipaddress.ip_address(coa)
         out = MnResult([], [])
         if self.is_home(coa):
             self._move_home(now, out)
-        elif coa != self._coa or self._state is MnState.FAILED:
-            if isinstance(coa, IPv4Address) and self.config.ha_ipv4 is None:
-                raise MobilityError("an IPv4 care-of address needs MobileNodeConfig.ha_ipv4 (RFC 5555)")
+            return out
+        fallback = IPv4Address(ipv4_coa) if ipv4_coa is not None and isinstance(coa, IPv6Address) else None
+        if fallback is not None and self._prefer_ipv4:
+            coa, fallback, coa_valid_until = fallback, None, None
+        if isinstance(coa if fallback is None else fallback, IPv4Address) and self.config.ha_ipv4 is None:
+            raise MobilityError("an IPv4 care-of address needs MobileNodeConfig.ha_ipv4 (RFC 5555)")
+        self._fallback_coa = fallback
+        if coa != self._coa or self._state is MnState.FAILED:
             self._move_away(coa, coa_valid_until, now, out)
         return out
 
@@ -564,7 +591,7 @@ class BindingUpdateList:
             return
         was_deregistering = self._state is MnState.DEREGISTERING
         self._go(MnInput.MOVED_HOME, MnState.DEREGISTERING, out)
-        self._coa, self._coa_valid_until = None, None
+        self._coa, self._coa_valid_until, self._fallback_coa = None, None, None
         if not was_deregistering:
             self._start_attempt(now, out)
 
@@ -594,6 +621,9 @@ class BindingUpdateList:
         self._go(MnInput.BA_ACCEPTED, MnState.BOUND, out)
         previous = self._binding
         binding = self._new_binding(ba, sent)
+        self._fallback_coa = None
+        if isinstance(binding.coa, IPv6Address):
+            self._prefer_ipv4 = False  # IPv6 works (again): prefer it on the next move
         self._binding, self._ha_expires = binding, binding.expires
         self._outstanding = None
         self._arm_bound_timers(binding)
@@ -701,6 +731,19 @@ class BindingUpdateList:
         last_seq = self._outstanding.bu.seq if self._outstanding is not None else self._next_seq
         self._timeout = next_bindack_timeout(self._timeout)
         out.events.append(BindingAckTimeout(last_seq, self._attempt, self._timeout))
+        if self._fallback_coa is not None and self._attempt >= IPV6_COA_ATTEMPTS:
+            self._fall_back_to_ipv4(now, out)
+            return
+        self._send_or_schedule(now, out)
+
+    def _fall_back_to_ipv4(self, now: float, out: MnResult) -> None:
+        """RFC 5555 4.4.1: after three BUs in total with the IPv6 CoA went unanswered, bind the
+        IPv4 CoA instead, with a fresh back-off, and keep that family on later moves."""
+        old, self._coa = self._coa, self._fallback_coa
+        self._fallback_coa, self._coa_valid_until, self._prefer_ipv4 = None, None, True
+        out.events.append(CareOfAddressFallback(old, self._coa))  # type: ignore[arg-type]
+        self._timeout = initial_bindack_timeout(not self._binding_alive(now), self.config.first_reg_timeout)
+        self._attempt = 0
         self._send_or_schedule(now, out)
 
     def _transmit(self, now: float, out: MnResult) -> None:

@@ -3,7 +3,7 @@ status 135, returning home, rate limit, and the transition table."""
 
 from __future__ import annotations
 
-from ipaddress import IPv6Address, IPv6Network
+from ipaddress import IPv4Address, IPv6Address, IPv6Network
 
 import pytest
 
@@ -14,6 +14,7 @@ from mobility.bul import (
     BindingLost,
     BindingRefreshed,
     BindingUpdateList,
+    CareOfAddressFallback,
     IgnoreReason,
     MessageIgnored,
     MnInput,
@@ -30,7 +31,7 @@ from mobility.bul import (
 )
 from mobility.constants import BaStatus, BeStatus, BuFlag
 from mobility.mh import BindingAck, BindingUpdate, make_binding_error, pull_mh, verify_checksum
-from mobility.options import AlternateCareOfAddress, BindingRefreshAdvice
+from mobility.options import AlternateCareOfAddress, BindingRefreshAdvice, Ipv4CareOfAddress, NatDetection
 
 HOA = IPv6Address("2001:db8:1::100")
 HA = IPv6Address("2001:db8:1::1")
@@ -324,3 +325,60 @@ def test_every_state_is_reachable_and_has_an_exit():
     sources = {s for s, _ in MN_TRANSITIONS}
     targets = {t for ts in MN_TRANSITIONS.values() for t in ts}
     assert sources == targets == set(MnState)
+
+
+# --- DSMIPv6 (RFC 5555 4.4) -----------------------------------------------------------------------
+
+HA4 = IPv4Address("198.51.100.1")
+C4 = IPv4Address("192.0.2.50")
+C4B = IPv4Address("192.0.2.60")
+
+
+def test_ipv4_coa_bu_goes_in_udp_from_the_hoa():
+    bul = make(ha_ipv4=HA4, force_udp=True)
+    (out,), _ = bul.movement(C4, 0.0)
+    assert out.bu.options == (Ipv4CareOfAddress(C4),) and out.bu.flags == BuFlag.A | BuFlag.H | BuFlag.F
+    assert (out.src, out.udp_to, out.home_address_option) == (C4, HA4, False)
+    with pytest.raises(Exception, match="ha_ipv4"):
+        make().movement(C4, 0.0)
+
+
+@pytest.mark.parametrize(
+    "option,udp,nat,keepalive,refresh_at",
+    [
+        (NatDetection(False, 110), True, True, 110.0, 110.0),
+        (NatDetection(False, 0), True, True, 110.0, 110.0),  # 0: ignore the field, NATKATIMEOUT
+        (NatDetection(False, 30), True, True, 30.0, 30.0),
+        (NatDetection(False, 0xFFFFFFFF), False, False, None, 480.0),
+        (NatDetection(True, 0xFFFFFFFF), True, False, None, 480.0),  # F: UDP without a NAT
+        (None, False, False, None, 480.0),
+    ],
+)
+def test_nat_detection_option_decides_udp_and_keepalive(option, udp, nat, keepalive, refresh_at):
+    bul = make(ha_ipv4=HA4, lifetime=600.0)
+    bul.movement(C4, 0.0)
+    bul.handle_binding_ack(ack_for(bul, options=(option,) if option else ()), 0.0)
+    b = bul.binding
+    assert (b.udp_encap, b.nat_detected, b.keepalive, b.refresh_at) == (udp, nat, keepalive, refresh_at)
+
+
+def test_dual_stack_falls_back_to_ipv4_after_three_bus_and_keeps_the_family():
+    bul = make(ha_ipv4=HA4)
+    (first,), _ = bul.movement(V1, 0.0, ipv4_coa=C4)
+    assert first.src == V1
+    sent, events = run_until(bul, 10.5)
+    assert [(t, bu.options[0]) for t, bu in sent] == [
+        (1.5, AlternateCareOfAddress(V1)),
+        (4.5, AlternateCareOfAddress(V1)),
+        (10.5, Ipv4CareOfAddress(C4)),
+    ]
+    assert CareOfAddressFallback(V1, C4) in events and bul.coa == C4
+    assert bul.next_timer() == 12.0  # a fresh back-off for the IPv4 CoA
+    bul.handle_binding_ack(ack_for(bul), 10.6)
+    (out,), _ = bul.movement(V2, 20.0, ipv4_coa=C4B)  # next network: IPv4 straight away
+    assert out.src == C4B and out.udp_to == HA4
+    bul.handle_binding_ack(ack_for(bul), 20.1)
+    (out,), _ = bul.movement(V1, 30.0)  # IPv6-only network
+    bul.handle_binding_ack(ack_for(bul), 30.1)
+    (out,), _ = bul.movement(V2, 40.0, ipv4_coa=C4B)  # IPv6 worked: preferred again
+    assert out.src == V2

@@ -65,9 +65,10 @@ class MobileNodeMachine(RuleBasedStateMachine):
             else:
                 assert out.src == self.bul.coa and (out.udp_to is not None) == isinstance(out.src, IPv4Address)
 
-    @rule(place=st.sampled_from(PLACES))
-    def move(self, place):
-        self._apply(self.bul.state, self.bul.movement(place, self.now))
+    @rule(place=st.sampled_from(PLACES), dual=st.booleans())
+    def move(self, place, dual):
+        ipv4_coa = "192.0.2.99" if dual else None  # RFC 5555 4.4.1 dual-stack network
+        self._apply(self.bul.state, self.bul.movement(place, self.now, ipv4_coa=ipv4_coa))
 
     @precondition(lambda self: self.bul.outstanding is not None)
     @rule(status=st.sampled_from(STATUSES), lifetime=st.sampled_from([0, 1, 10]), nat=st.booleans())
