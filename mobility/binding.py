@@ -195,7 +195,7 @@ def bce_transition(state: BceState, event: BceInput) -> BceState:
     try:
         return BCE_TRANSITIONS[(state, event)]
     except KeyError:
-        raise BceTransitionError(f"binding cache entry: no transition from {state.name} on {event.name}") from None
+        raise BceTransitionError(f"binding cache entry: no transition {state.name} on {event.name}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -511,11 +511,13 @@ class BindingCache:
             events.append(BindingDeleted(entry.hoa, entry.coa, DeleteReason.DEREGISTERED, entry))
         state = bce_transition(entry.state, BceInput.DEREGISTER)
         invalid = replace(
-            entry, seq=request.bu.seq, state=state, lifetime=0, expires=now, ipv4_hoa=None, ipv4_hoa_dynamic=False
+            entry, seq=request.bu.seq, state=state, lifetime=0, expires=now, ipv4_hoa=None,
+            ipv4_hoa_dynamic=False,
         )
         self._store(invalid, now)
         # Lifetime 0 and no Binding Refresh Advice (10.3.2); NAT Detection if it came in UDP
-        ack = BindingAck(BaStatus.ACCEPTED, self._k_flag(request.bu), request.bu.seq, 0, self._nat_options(request))
+        bu = request.bu
+        ack = BindingAck(BaStatus.ACCEPTED, self._k_flag(bu), bu.seq, 0, self._nat_options(request))
         return BuResult(ack, events)
 
     # -- registration (10.3.1) -------------------------------------------------------------------
@@ -603,7 +605,9 @@ class BindingCache:
         """K in the BA: set iff set in the BU and the HA can move its key management endpoint."""
         return BaFlag.K if bu.key_mgmt_mobility and self.config.key_mgmt_mobility else BaFlag(0)
 
-    def _ack_options(self, request: _Request, granted: int, ipv4: _Ipv4Result | None) -> tuple[MobilityOption, ...]:
+    def _ack_options(
+        self, request: _Request, granted: int, ipv4: _Ipv4Result | None
+    ) -> tuple[MobilityOption, ...]:
         options: list[MobilityOption] = []
         ratio = self.config.refresh_advice_ratio
         if ratio is not None and 0 < int(granted * ratio) < granted:
@@ -626,7 +630,8 @@ class BindingCache:
     def _refuses_forced_udp(self, request: _Request) -> bool:
         """F = 1 with an IPv4 CoA that this HA does not accept (RFC 5555 4.5: error code 144; F with
         an IPv6 CoA is ignored, 3.1.3 "SHOULD NOT be set")."""
-        return request.bu.force_udp and isinstance(request.coa, IPv4Address) and not self.config.accept_force_udp
+        ipv4_coa = isinstance(request.coa, IPv4Address)
+        return request.bu.force_udp and ipv4_coa and not self.config.accept_force_udp
 
     def _udp_encap(self, request: _Request) -> bool:
         """UDP encapsulation for data: only with an IPv4 CoA, when a NAT was detected or UDP is

@@ -187,7 +187,7 @@ def mn_transition(state: MnState, event: MnInput, target: MnState) -> MnState:
     """Check ``state --event--> target`` against MN_TRANSITIONS; return ``target``."""
     allowed = MN_TRANSITIONS.get((state, event))
     if allowed is None or target not in allowed:
-        raise MnTransitionError(f"binding update list: no transition {state.name} --{event.name}--> {target.name}")
+        raise MnTransitionError(f"BUL: no transition {state.name} -{event.name}-> {target.name}")
     return target
 
 
@@ -649,14 +649,21 @@ class BindingUpdateList:
         refresh per timers.refresh_deadline, NAT state per RFC 5555 4.4.2 (docs/binding.md)."""
         lifetime = ba.lifetime_seconds
         advice = find_option(ba.options, BindingRefreshAdvice)
-        advice_s = advice.refresh_seconds if advice is not None and advice.refresh_interval < ba.lifetime else None
+        if advice is not None and not advice.refresh_interval < ba.lifetime:
+            advice = None  # RFC 6275 10.3.1: MUST be less than the Lifetime; ignore it otherwise
         nat = find_option(ba.options, NatDetection)
         nat_detected = nat is not None and nat.refresh_time != NAT_REFRESH_NOT_NEEDED
         udp_encap = nat is not None and (nat_detected or nat.f)
-        keepalive = nat_keepalive_interval(nat.refresh_time, self.config.nat_keepalive) if nat_detected else None
+        refresh_time = nat.refresh_time if nat is not None and nat_detected else None
+        keepalive = nat_keepalive_interval(refresh_time, self.config.nat_keepalive)
         refresh_at = refresh_deadline(
-            sent.sent_at, lifetime, advice=advice_s, nat_keepalive=keepalive, ratio=self.config.refresh_ratio
+            sent.sent_at,
+            lifetime,
+            advice=advice.refresh_seconds if advice is not None else None,
+            nat_keepalive=keepalive,
+            ratio=self.config.refresh_ratio,
         )
+        ack = find_option(ba.options, Ipv4AddressAck)
         return HomeBinding(
             coa=sent.coa,
             lifetime=lifetime,
@@ -666,7 +673,7 @@ class BindingUpdateList:
             udp_encap=udp_encap,
             nat_detected=nat_detected,
             keepalive=keepalive,
-            ipv4_hoa=ack.hoa if (ack := find_option(ba.options, Ipv4AddressAck)) is not None and ack.success else None,
+            ipv4_hoa=ack.hoa if ack is not None and ack.success else None,
         )
 
     def _ipv4_ack(self, ba: BindingAck, previous: HomeBinding | None, out: MnResult) -> None:
@@ -687,7 +694,8 @@ class BindingUpdateList:
             home = ba.status == BaStatus.NOT_HOME_AGENT  # no binding left at the HA: fine
             self._go(MnInput.BA_REJECTED, MnState.HOME if home else MnState.FAILED, out)
             self._forget_binding()
-            out.events.append(ReturnedHome(self.config.hoa) if home else RegistrationFailed(int(ba.status), None))
+            failed = RegistrationFailed(int(ba.status), None)
+            out.events.append(ReturnedHome(self.config.hoa) if home else failed)
             return
         if sent.bu.force_udp:  # RFC 5555 4.4.2: "MAY resend the binding update without the F flag"
             self._go(MnInput.BA_RETRY, self._state, out)

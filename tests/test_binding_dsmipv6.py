@@ -130,7 +130,8 @@ def test_dynamic_ipv4_home_address_from_pool():
     third = IPv6Address("2001:db8:1::300")
     ack, _ = send(bc, bu4(1, Ipv4HomeAddress(IPv4Address(0))), hoa=third)
     assert ack.status == BaStatus.ACCEPTED
-    assert find_option(ack.options, Ipv4AddressAck) == Ipv4AddressAck(Ipv4AckStatus.DYNAMIC_HOA_NOT_AVAILABLE, 0, IPv4Address(0))
+    refused = Ipv4AddressAck(Ipv4AckStatus.DYNAMIC_HOA_NOT_AVAILABLE, 0, IPv4Address(0))
+    assert find_option(ack.options, Ipv4AddressAck) == refused
     assert bc.lookup(third).ipv4_hoa is None
 
 

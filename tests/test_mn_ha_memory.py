@@ -164,7 +164,8 @@ class Net:
 
 
 def setup(seq0: int = 1000, lifetime: float = 60.0, ha_kw=None, mn_kw=None, **net_kw) -> Net:
-    ha_cfg = HomeAgentConfig(home_prefixes=("2001:db8:1::/64",), ipv4_pool=(IPv4Address("10.1.0.10"),), **(ha_kw or {}))
+    pool = (IPv4Address("10.1.0.10"),)
+    ha_cfg = HomeAgentConfig(home_prefixes=("2001:db8:1::/64",), ipv4_pool=pool, **(ha_kw or {}))
     mn_cfg = MobileNodeConfig(hoa=HOA, ha=HA, lifetime=lifetime, ha_ipv4=HA4, **(mn_kw or {}))
     mobile = BindingUpdateList(mn_cfg, rand=lambda n: seq0.to_bytes(n, "big"))
     return Net(mobile, BindingCache(ha_cfg), **net_kw)
@@ -282,7 +283,8 @@ def test_rebooted_mn_resynchronises_from_135():
     net.move(V1)
     net.run_until_state(MnState.BOUND)
     # the MN reboots with a fresh list and a random start below the HA's last accepted number
-    net.mn = BindingUpdateList(MobileNodeConfig(hoa=HOA, ha=HA, lifetime=60.0), rand=lambda n: (49000).to_bytes(n, "big"))
+    cfg = MobileNodeConfig(hoa=HOA, ha=HA, lifetime=60.0)
+    net.mn = BindingUpdateList(cfg, rand=lambda n: (49000).to_bytes(n, "big"))
     net.move(V2)
     net.run_until_state(MnState.BOUND)
     assert [ba.status for _, ba in net.ba_log] == [0, BaStatus.SEQ_OUT_OF_WINDOW, 0]
@@ -300,7 +302,8 @@ def test_delayed_bu_after_deregistration_gets_135_and_changes_nothing():
     net.run_until_state(MnState.HOME)
     ack, events = net.ha.handle_binding_update(pull_mh(late.push()), hoa=HOA, src=HOA, now=net.now)
     assert ack.status == BaStatus.SEQ_OUT_OF_WINDOW and net.ha.lookup(HOA) is None
-    assert net.mn.handle_binding_ack(ack, net.now)[1] == [mn.MessageIgnored("BA", mn.IgnoreReason.NO_OUTSTANDING_BU)]
+    ignored = mn.MessageIgnored("BA", mn.IgnoreReason.NO_OUTSTANDING_BU)
+    assert net.mn.handle_binding_ack(ack, net.now)[1] == [ignored]
 
 
 # --- refresh requests and a restarted HA ---------------------------------------------------------
