@@ -48,7 +48,7 @@ from .constants import (
     IpProto,
     Mode,
 )
-from .errors import BitsError, ParseError
+from .errors import BitsError, ConfigError, ParseError
 from .ip import fix_ipv4_header, pull_ip, push_ipv4_header, push_ipv6_header
 from .replay import ReplayCheck, ReplayWindow
 from .sa import SaParams
@@ -214,6 +214,8 @@ class SecurityAssociation:
 
     def _init_outer(self, params: SaParams) -> None:
         """Precompute the constant part of the tunnel-mode outer header (RFC 4301 5.1.2)."""
+        if params.src.version != params.dst.version:
+            raise ConfigError(f"SA spi={params.spi:#x}: source and destination IP versions differ")
         src, dst = params.src.packed, params.dst.packed
         self._outer_v6 = params.dst.version == 6
         if self._outer_v6:

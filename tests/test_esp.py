@@ -9,7 +9,7 @@ import struct
 import pytest
 
 from bits.constants import MAX_SEQ32, MAX_SEQ64, Direction
-from bits.errors import BitsError, ParseError
+from bits.errors import BitsError, ConfigError, ParseError
 from bits.esp import SaLifetimeEvent, SecurityAssociation, peek_spi_seq
 from bits.ip import ipv4_checksum
 from bits.sa import Lifetime
@@ -474,8 +474,7 @@ def test_stats_count_what_was_protected() -> None:
     assert out.stats.bytes == inb.stats.bytes == 3 * (len(orig) - 40)
 
 
-def test_params_direction_is_respected() -> None:
-    p = sa_params("gcm128", "tunnel6in6", direction=Direction.IN)
-    sa = SecurityAssociation(p, rand=os.urandom, now=0.0)
-    assert sa.seq == 0 and sa.params is p
-    assert dataclasses.replace(p, direction=Direction.OUT) != p
+def test_mixed_address_families_are_a_config_error() -> None:
+    p = dataclasses.replace(sa_params("gcm128", "tunnel6in6"), dst=B4)
+    with pytest.raises(ConfigError, match="IP versions differ"):
+        SecurityAssociation(p, rand=os.urandom, now=0.0)
