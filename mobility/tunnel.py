@@ -1,0 +1,1095 @@
+"""The (DS)MIPv6 tunnel interface below the BITS engine (draft sections 3.2, 4.1, 4.3, 4.4).
+
+Sans-I/O: bytes in, bytes and verdicts out, ``now`` injected, no socket, no clock. The adapters in
+``mobility/io`` feed it: packets the kernel routed into the TUN device (after the engine's outbound
+ESP processing) go to ``outbound``; packets seen in raw PREROUTING *before* the engine go to
+``inbound``. Neither side ever touches the ESP bytes: only the outer IPv6 header and the Mobile IPv6
+extension headers change, so the peer's unmodified engine decrypts them (the ICV does not cover the
+IP header, RFC 4303 3.3.4).
+
+What is rewritten where (docs/tunnel.md has the table and the reasons):
+
+=====  ========  =========================================================================
+node   side      rewrite
+=====  ========  =========================================================================
+MN     outbound  data (tunnel-mode SA HoA->HA): outer source HoA -> current data CoA (draft
+                 4.1.1 MN side); BU (transport SA, MH type 5): source -> *newest* CoA and a
+                 Home Address option with the HoA before ESP (RFC 6275 6.3, 11.7.1). While a
+                 BU is in flight from a new CoA, data keeps the old CoA (draft 4.3, Req #3).
+MN     inbound   ESP from the HA to one of our CoAs: destination -> HoA; a type 2 routing
+                 header is checked (its address must be our HoA) and removed (RFC 6275 11.3.3)
+HA     outbound  destination HoA -> the CoA of the binding (draft 4.1.2, Req #1); a BA
+                 (transport SA, MH type 6) also gets a type 2 routing header with the HoA
+                 (RFC 6275 6.4, 9.5.4); no binding -> counted drop
+HA     inbound   Home Address option: source and option swapped (RFC 6275 9.3.1), the option
+                 retyped to 0x1E (RFC 4727 experimental, "skip if unknown") because this kernel
+                 has no MIPv6 and would discard type 201 -- and discards PadN runs over 7 octets
+                 (RFC 4942 2.1.9.5), so PadN cannot stand in for it
+=====  ========  =========================================================================
+
+Telling signalling from data is by SPI (draft 4.3.2 / 4.4.2), in one of two modes: ``api`` asks the
+engine's query interface once per peer and caches the answer until ``sad_changed()``;
+``heuristic`` never asks: "heuristic and locking" on the sender side, binding-cache comparison on
+the HA's receiving side.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Protocol
+
+from bits.constants import AuthAlg, EncAlg, IpProto
+from bits.ip import PacketSelectors
+
+from .binding import BindingCreated, BindingDeleted, BindingUpdated
+from .constants import HAO_DATA_LEN, HAO_OPTION_TYPE, MAX_UPDATE_RATE, ROUTING_TYPE_2, MhType
+from .errors import MobilityError, ParseError
+from .ipv6ext import push_home_address_option, push_type2_routing_header
+
+# --- Specification ----------------------------------------------------------------------------------
+
+IPV6_HEADER_LEN = 40
+IPV6_MIN_MTU = 1280  # RFC 8200 section 5
+HAO_OVERHEAD = 24  # Destination Options header with the Home Address option (RFC 3776 7.1)
+RH2_OVERHEAD = 24  # type 2 routing header (RFC 6275 6.4)
+ESP_HEADER_LEN = 8  # SPI + Sequence Number (RFC 4303 2)
+ESP_TRAILER_LEN = 2  # Pad Length + Next Header
+ICMPV6_PACKET_TOO_BIG = 2  # RFC 4443 3.2
+ICMPV6_MPS = 146  # Mobile Prefix Solicitation (RFC 6275 6.7): transport SA, needs the HAO
+ICMPV6_MPA = 147  # Mobile Prefix Advertisement: transport SA, needs the type 2 routing header
+#: RFC 4727 experimental destination option type: action bits 00 (skip if unrecognized), C = 0.
+NEUTRAL_OPTION_TYPE = 0x1E
+
+_HOPOPT, _ROUTING, _FRAGMENT, _DSTOPTS = 0, 43, 44, 60
+_ESP, _AH, _ICMPV6 = int(IpProto.ESP), int(IpProto.AH), int(IpProto.ICMPV6)
+_MH = int(IpProto.MH)
+_EXT_HEADERS = frozenset({_HOPOPT, _ROUTING, _DSTOPTS})
+
+# --- Implementation ---------------------------------------------------------------------------------
+
+DEFAULT_PATH_MTU = 1500
+QUERY_RETRY_INTERVAL = 5.0  # seconds before a failed engine query is tried again (api mode)
+SIGNAL_RATE_WINDOW = 1.0  # seconds: more packets than MAX_UPDATE_RATE on a "signalling" SPI in
+#                           one window cannot be BUs/BAs (RFC 6275 11.8): the lock was wrong
+SEEN_COA_LIMIT = 4096  # HoAs whose last Home Address option source the HA remembers
+
+_H = struct.Struct("!H")
+_I = struct.Struct("!I")
+_PTB = struct.Struct("!BBHI")  # Type, Code, Checksum, MTU
+_PSEUDO = struct.Struct("!16s16sI3xB")
+
+#: (protocol, MH type or ICMPv6 type) of the transport-mode signalling each side sends.
+MN_SIGNALS: tuple[tuple[int, int], ...] = ((_MH, int(MhType.BU)), (_ICMPV6, ICMPV6_MPS))
+HA_SIGNALS: tuple[tuple[int, int], ...] = ((_MH, int(MhType.BA)), (_ICMPV6, ICMPV6_MPA))
+
+
+class EngineQueryError(MobilityError):
+    """The engine's query interface could not answer (control socket unreachable, bad reply).
+    Raised by query callables (``mobility.io.classify``); the api classifier falls back."""
+
+
+# --- wire enums and records ---------------------------------------------------------------------------
+
+
+class ClassifyMode(str, Enum):
+    """How BU/BA packets are told from data packets (draft 4.3.2, 4.4.2)."""
+
+    API = "api"
+    HEURISTIC = "heuristic"
+
+
+class Route(Enum):
+    """Where the adapter sends a packet ``outbound`` returns."""
+
+    WIRE = "wire"  # raw socket with the tunnel mark: the engine skips it, policy routing sends it out
+    LOCAL = "local"  # raw socket without the mark: a locally sent packet the engine will protect
+    TUN = "tun"  # written back into the TUN device: the local stack receives it (an ICMPv6 error)
+
+
+class Kind(str, Enum):
+    SIGNAL = "signal"  # ESP on a transport-mode signalling SA: BU/MPS (MN), BA/MPA (HA)
+    DATA = "data"  # ESP on the payload (tunnel-mode) SA
+    PLAIN = "plain"  # not ESP
+    HAO = "hao"  # HA inbound: a packet carrying a Home Address option
+    PTB = "ptb"  # an ICMPv6 Packet Too Big we generated
+
+
+class Reason(str, Enum):
+    """Why a packet was classified as it was (one counter each; in every trace record)."""
+
+    API_SIGNAL_SPI = "api-signal-spi"  # the engine says this SPI protects BU/BA (or MPS/MPA)
+    API_OTHER_SPI = "api-other-spi"  # the engine's signalling SPIs do not include this one
+    API_UNAVAILABLE = "api-unavailable"  # the query failed: the heuristic decided instead
+    LOCKED_SIGNAL_SPI = "locked-signal-spi"  # heuristic: the SPI locked as the BU/BA SPI
+    DATA_SPI = "data-spi"  # heuristic: the data stream's SPI
+    DIFFERS_FROM_DATA = "differs-from-data"  # heuristic: BU/BA expected, SPI differs from data
+    FIRST_WHILE_EXPECTING = "first-while-expecting"  # heuristic: BU/BA expected, nothing learnt yet
+    REPEATED = "repeated"  # heuristic: BU/BA expected, SPI repeats faster than BUs may: data
+    NOT_EXPECTING = "not-expecting"  # heuristic: no BU/BA expected: data (SPI learnt)
+    UNLOCKED_RATE = "unlocked-rate"  # heuristic: the locked SPI ran faster than BUs can: data
+    COA_CHANGED = "coa-changed"  # HA heuristic: HAO source differs from the binding's CoA
+    COA_KNOWN = "coa-known"  # HA heuristic: HAO source equals the binding's CoA
+    NO_BINDING = "no-binding"  # HA heuristic: HAO for a HoA without binding (first registration)
+    NOT_ESP = "not-esp"
+
+
+class TunnelDrop(str, Enum):
+    """Typed drops of the tunnel module, counted by name."""
+
+    MALFORMED = "malformed"  # truncated / unparsable IPv6 header chain
+    NOT_IPV6 = "not-ipv6"
+    NO_COA = "no-coa"  # MN: no acknowledged CoA yet (data waits for the BA: Req #3)
+    NO_BINDING = "no-binding"  # HA: no binding for the HoA
+    CLEARTEXT = "cleartext"  # MN: a packet from the HoA reached the TUN unprotected (fail closed)
+    LINK_LOCAL = "link-local"  # link-local source or multicast destination: not tunnelled
+    TOO_BIG = "too-big"  # larger than the path MTU: a Packet Too Big went back instead
+    BAD_RH2 = "bad-rh2"  # type 2 routing header not for our HoA or malformed (RFC 6275 11.3.3)
+    HOP_LIMIT = "hop-limit"  # HA: cleartext re-injected until its hop limit ran out (a loop)
+    LOOP = "loop"  # HA: the destination chosen is the HoA itself (it is at home)
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelTrace:
+    """One decision. Built only when tracing is on; formatted only by ``to_dict``."""
+
+    direction: str  # "out" | "in"
+    mode: ClassifyMode
+    kind: Kind
+    reason: Reason | None
+    spi: int | None
+    hoa: bytes | None
+    coa: bytes | None  # the care-of address chosen (outbound) or seen (inbound)
+    drop: TunnelDrop | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "direction": self.direction,
+            "mode": self.mode.value,
+            "kind": self.kind.value,
+            "reason": None if self.reason is None else self.reason.value,
+            "spi": None if self.spi is None else f"{self.spi:#010x}",
+            "hoa": _text(self.hoa),
+            "coa": _text(self.coa),
+            "drop": None if self.drop is None else self.drop.value,
+        }
+
+
+def _text(addr: bytes | None) -> str | None:
+    return None if addr is None else str(ipaddress.IPv6Address(addr))
+
+
+def _addr16(addr: ipaddress.IPv6Address | bytes | str) -> bytes:
+    try:
+        return ipaddress.IPv6Address(addr).packed
+    except ValueError as exc:
+        raise MobilityError(f"not an IPv6 address: {addr!r}") from None
+
+
+# --- packet views and builders --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EspView:
+    """Where the ESP header of an IPv6 packet is (``esp_at``) and which byte names it (``nh_at``).
+
+    A Home Address option goes just before ESP (after any routing header, RFC 6275 6.3), and so
+    does the type 2 routing header in the packets the engine gives us (IPv6 header, perhaps
+    hop-by-hop options, ESP: RFC 8200 4.1 order holds).
+    """
+
+    spi: int
+    esp_at: int
+    nh_at: int
+
+
+def pull_esp_view(packet: bytes) -> EspView | None:
+    """The ESP position of an IPv6 packet; None when the chain ends in anything but ESP (cleartext,
+    or a non-first fragment). Raises ParseError on a truncated chain or a non-IPv6 packet."""
+    n = len(packet)
+    if n < IPV6_HEADER_LEN or packet[0] >> 4 != 6:
+        raise ParseError("not an IPv6 packet")
+    end = IPV6_HEADER_LEN + _H.unpack_from(packet, 4)[0]
+    if end > n:
+        raise ParseError("IPv6 Payload Length beyond the packet")
+    nh, off, nh_at = packet[6], IPV6_HEADER_LEN, 6
+    while nh in _EXT_HEADERS:
+        if off + 8 > end:
+            raise ParseError("truncated IPv6 extension header")
+        nh_at, nh, off = off, packet[off], off + (packet[off + 1] + 1) * 8
+    if off > end:
+        raise ParseError("IPv6 extension header beyond the packet")
+    if nh != _ESP:
+        return None  # upper layer, fragment, AH: not our engine's ESP
+    if off + ESP_HEADER_LEN > end:
+        raise ParseError("truncated ESP header")
+    return EspView(_I.unpack_from(packet, off)[0], off, nh_at)
+
+
+def insert_header(packet: bytes, view: EspView, header: bytes, header_nh: int) -> bytearray:
+    """``packet`` with ``header`` (whose own Next Header byte is already set) put just before ESP;
+    the byte at ``view.nh_at`` becomes ``header_nh``, Payload Length grows."""
+    out = bytearray(packet[: view.esp_at])
+    out += header
+    out += packet[view.esp_at :]
+    out[view.nh_at] = header_nh
+    out[4:6] = _H.pack(len(out) - IPV6_HEADER_LEN)
+    return out
+
+
+def icmpv6_checksum(src: bytes, dst: bytes, message: bytes) -> int:
+    """RFC 4443 2.3: one's complement sum over the pseudo-header (RFC 8200 8.1) and the message."""
+    data = _PSEUDO.pack(src, dst, len(message), _ICMPV6) + message
+    if len(data) % 2:
+        data += b"\x00"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def build_packet_too_big(original: bytes, mtu: int, src: bytes, hop_limit: int = 64) -> bytes:
+    """ICMPv6 Packet Too Big (RFC 4443 3.2: type 2, code 0, the MTU) from ``src`` to the source of
+    ``original``, quoting as much of it as fits in the IPv6 minimum MTU."""
+    quote = original[: IPV6_MIN_MTU - IPV6_HEADER_LEN - 8]
+    dst = original[8:24]
+    body = bytearray(_PTB.pack(ICMPV6_PACKET_TOO_BIG, 0, 0, mtu) + quote)
+    body[2:4] = _H.pack(icmpv6_checksum(src, dst, bytes(body)))
+    header = struct.pack("!IHBB16s16s", 6 << 28, len(body), _ICMPV6, hop_limit, src, dst)
+    return header + bytes(body)
+
+
+def _link_local_or_multicast(packet: bytes) -> bool:
+    """Never tunnelled (RFC 6275 10.4.2): link-local or unspecified source, multicast destination."""
+    return packet[24] == 0xFF or packet[8:10] == b"\xfe\x80" or packet[8:24] == bytes(16)
+
+
+# --- MTU -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EspShape:
+    """The size parameters of an ESP transform (RFC 4303 2.4, 2.8)."""
+
+    iv_len: int
+    icv_len: int
+    block: int  # payload || trailer is padded to a multiple of this
+
+
+_AEAD_SHAPE = EspShape(8, 16, 4)  # RFC 4106 / RFC 7634: 8-octet IV, 16-octet ICV, 4-octet alignment
+
+
+def esp_shape(enc: EncAlg, auth: AuthAlg = AuthAlg.NONE) -> EspShape:
+    """The shape of a setkey transform (the same numbers ``bits.transforms`` uses)."""
+    if enc in (EncAlg.AES_GCM_16, EncAlg.CHACHA20_POLY1305):
+        return _AEAD_SHAPE
+    icv = 16 if auth == AuthAlg.HMAC_SHA256_128 else 0  # RFC 4868: 128-bit truncation
+    if enc == EncAlg.AES_CBC:
+        return EspShape(16, icv, 16)  # RFC 3602
+    return EspShape(0, icv, 4)  # NULL (RFC 2410)
+
+
+def esp_tunnel_size(inner: int, shape: EspShape) -> int:
+    """Octets of a tunnel-mode ESP packet over IPv6 carrying an ``inner``-octet packet."""
+    padded = -(-(inner + ESP_TRAILER_LEN) // shape.block) * shape.block
+    return IPV6_HEADER_LEN + ESP_HEADER_LEN + shape.iv_len + padded + shape.icv_len
+
+
+@dataclass(frozen=True, slots=True)
+class MtuPlan:
+    """The MTUs of one tunnel (docs/tunnel.md "MTU").
+
+    ``device_mtu``: the TUN device; it carries the engine's ESP packets, so it is the path MTU
+    minus what the tunnel module may still add (24 octets: a Home Address option on a BU, a type 2
+    routing header on a BA). ``inner_mtu``: the largest packet the payload SA can carry through
+    the device: the MN's default route via the TUN gets it as its ``mtu``, the HA answers larger
+    forwarded packets with Packet Too Big.
+    """
+
+    path_mtu: int
+    device_mtu: int
+    inner_mtu: int
+
+
+def tunnel_mtus(path_mtu: int, shape: EspShape, reserve: int = HAO_OVERHEAD) -> MtuPlan:
+    device = path_mtu - reserve
+    inner = device - IPV6_HEADER_LEN - ESP_HEADER_LEN - shape.iv_len - shape.icv_len - ESP_TRAILER_LEN
+    while inner > 0 and esp_tunnel_size(inner, shape) > device:
+        inner -= 1
+    return MtuPlan(path_mtu, device, inner)
+
+
+# --- classification -----------------------------------------------------------------------------------------
+
+
+class Classifier(Protocol):
+    """Tells signalling (BU/BA, MPS/MPA: transport-mode SAs) from data by SPI."""
+
+    mode: ClassifyMode
+
+    def outbound(self, src: bytes, dst: bytes, spi: int, expecting: bool, now: float) -> tuple[bool, Reason]:
+        """Is the ESP packet ``src -> dst`` with ``spi`` signalling? ``expecting``: the mobility
+        module said a BU (MN) / BA (HA) is about to be sent."""
+        ...
+
+    def inbound_signal(self, spi: int, now: float) -> tuple[bool, Reason] | None:
+        """HA, api mode: is ``spi`` the SA of a BU? None: this classifier has no opinion."""
+        ...
+
+    def sad_changed(self) -> None: ...
+
+
+class SpiLearner:
+    """"Heuristic and locking" (draft 4.3.2) for one sender -> peer stream.
+
+    Data packets are many and share an SPI; a BU (or BA) is a single packet, sent when the
+    mobility module says one is due (``expecting``), on another SPI. So:
+
+    * not expecting: the packet is data and its SPI a data SPI;
+    * expecting, data SPIs known: a packet on another SPI is the BU, and its SPI is *locked* --
+      later packets on it are signalling without a guess (refreshes, retransmissions);
+    * expecting, nothing learnt yet: the packet is sent as signalling (a data packet sent as a BU
+      still arrives; a BU sent as data is lost) but nothing is locked, and an SPI that repeats
+      faster than BUs may be sent (MAX_UPDATE_RATE per second, RFC 6275 11.8) is data.
+
+    A locked SPI that carries more than MAX_UPDATE_RATE packets in a second was wrongly locked:
+    it becomes a data SPI. ``confident`` reasons end the expectation; tentative ones do not.
+    """
+
+    __slots__ = ("data_spis", "signal_spi", "_window_start", "_window_count", "_recent")
+
+    def __init__(self) -> None:
+        self.data_spis: set[int] = set()
+        self.signal_spi: int | None = None
+        self._window_start = float("-inf")
+        self._window_count = 0
+        self._recent: dict[int, float] = {}  # SPI -> last seen, while expecting with nothing learnt
+
+    def classify(self, spi: int, expecting: bool, now: float) -> tuple[bool, Reason]:
+        if spi in self.data_spis:
+            return False, Reason.DATA_SPI
+        if spi == self.signal_spi:
+            return self._locked(spi, now)
+        if not expecting:
+            self._learn_data(spi)
+            return False, Reason.NOT_EXPECTING
+        if self.data_spis:
+            self._lock(spi, now)
+            return True, Reason.DIFFERS_FROM_DATA
+        return self._untaught(spi, now)
+
+    def _untaught(self, spi: int, now: float) -> tuple[bool, Reason]:
+        last = self._recent.get(spi)
+        if last is not None and now - last < 1.0 / MAX_UPDATE_RATE:
+            others = [s for s in self._recent if s != spi]
+            self._learn_data(spi)
+            if len(others) == 1:  # the one other SPI seen meanwhile was the BU
+                self._lock(others[0], now)
+            return False, Reason.REPEATED
+        if len(self._recent) >= 8:
+            self._recent.clear()
+        self._recent[spi] = now
+        return True, Reason.FIRST_WHILE_EXPECTING
+
+    def _lock(self, spi: int, now: float) -> None:
+        self.signal_spi = spi
+        self._window_start, self._window_count = now, 1
+
+    def _learn_data(self, spi: int) -> None:
+        if len(self.data_spis) >= 8:
+            self.data_spis.clear()
+        self.data_spis.add(spi)
+        self._recent.clear()
+
+    def _locked(self, spi: int, now: float) -> tuple[bool, Reason]:
+        if now - self._window_start >= SIGNAL_RATE_WINDOW:
+            self._window_start, self._window_count = now, 0
+        self._window_count += 1
+        if self._window_count > MAX_UPDATE_RATE:
+            self.signal_spi = None
+            self._learn_data(spi)
+            return False, Reason.UNLOCKED_RATE
+        return True, Reason.LOCKED_SIGNAL_SPI
+
+
+#: Reasons sure enough to end an expected BU/BA (a tentative guess keeps waiting for the real one).
+CONFIDENT = frozenset({Reason.API_SIGNAL_SPI, Reason.LOCKED_SIGNAL_SPI, Reason.DIFFERS_FROM_DATA})
+
+
+class HeuristicClassifier:
+    """No query at all: one ``SpiLearner`` per destination (the HA for an MN, each HoA for the HA)."""
+
+    mode = ClassifyMode.HEURISTIC
+
+    def __init__(self) -> None:
+        self.learners: dict[bytes, SpiLearner] = {}
+
+    def outbound(self, src: bytes, dst: bytes, spi: int, expecting: bool, now: float) -> tuple[bool, Reason]:
+        learner = self.learners.get(dst)
+        if learner is None:
+            learner = self.learners[dst] = SpiLearner()
+        return learner.classify(spi, expecting, now)
+
+    def inbound_signal(self, spi: int, now: float) -> tuple[bool, Reason] | None:
+        return None
+
+    def sad_changed(self) -> None:
+        self.learners.clear()  # new SAs, new SPIs: what was learnt is stale
+
+
+QueryOutbound = Callable[[PacketSelectors], "Mapping[str, Any] | None"]
+QueryInboundSpi = Callable[[int], "Mapping[str, Any] | None"]
+
+
+class ApiClassifier:
+    """The DSMIPv6-IPsec API technique (draft 4.3.2 / 4.4.2): ask the engine, once.
+
+    ``query_outbound(selectors) -> answer`` (the engine's ``query_outbound`` dict: policy, spi,
+    sa) says which SA would protect a packet; it is asked for the signalling selectors of each
+    (src, dst) pair (``signals``: MN_SIGNALS or HA_SIGNALS) the first time that pair is seen, and
+    a transport-mode SA in the answer is a signalling SPI (a selector that falls through to the
+    payload entry names the tunnel-mode SA, which is data). ``query_inbound_spi(spi) -> answer or None`` (the
+    engine's ``query_inbound_spi`` dict) tells the HA whether an inbound SPI is a BU SA. Answers are
+    cached until ``sad_changed()``; nothing is asked per packet. A failed query
+    (``EngineQueryError``) is retried after ``retry_interval`` seconds; meanwhile ``fallback``
+    (the heuristic) decides and the reason says ``api-unavailable``.
+    """
+
+    mode = ClassifyMode.API
+
+    def __init__(
+        self,
+        query_outbound: QueryOutbound,
+        query_inbound_spi: QueryInboundSpi | None = None,
+        *,
+        signals: Sequence[tuple[int, int]] = MN_SIGNALS,
+        retry_interval: float = QUERY_RETRY_INTERVAL,
+        fallback: HeuristicClassifier | None = None,
+    ) -> None:
+        self._query_outbound = query_outbound
+        self._query_inbound_spi = query_inbound_spi
+        self._signals = tuple(signals)
+        self._retry = retry_interval
+        self.fallback = fallback if fallback is not None else HeuristicClassifier()
+        self._out: dict[tuple[bytes, bytes], frozenset[int]] = {}
+        self._in: dict[int, bool] = {}
+        self._retry_at: dict[Any, float] = {}
+        self.queries = 0  # queries sent to the engine (a test asserts: not one per packet)
+        self.failures = 0
+
+    def outbound(self, src: bytes, dst: bytes, spi: int, expecting: bool, now: float) -> tuple[bool, Reason]:
+        spis = self._out.get((src, dst))
+        if spis is None:
+            spis = self._ask_outbound(src, dst, now)
+            if spis is None:
+                return self.fallback.outbound(src, dst, spi, expecting, now)[0], Reason.API_UNAVAILABLE
+        if spi in spis:
+            return True, Reason.API_SIGNAL_SPI
+        return False, Reason.API_OTHER_SPI
+
+    def _ask_outbound(self, src: bytes, dst: bytes, now: float) -> frozenset[int] | None:
+        key = (src, dst)
+        if now < self._retry_at.get(key, float("-inf")):
+            return None
+        s, d = int.from_bytes(src, "big"), int.from_bytes(dst, "big")
+        found = set()
+        try:
+            for proto, msg_type in self._signals:
+                self.queries += 1
+                spi = transport_spi(self._query_outbound(_signal_selectors(s, d, proto, msg_type)))
+                if spi is not None:
+                    found.add(spi)
+        except EngineQueryError:
+            self.failures += 1
+            self._retry_at[key] = now + self._retry
+            return None
+        spis = self._out[key] = frozenset(found)
+        return spis
+
+    def inbound_signal(self, spi: int, now: float) -> tuple[bool, Reason] | None:
+        known = self._in.get(spi)
+        if known is None:
+            if self._query_inbound_spi is None or now < self._retry_at.get(spi, float("-inf")):
+                return None
+            try:
+                self.queries += 1
+                known = self._in[spi] = answer_is_binding_update(self._query_inbound_spi(spi))
+            except EngineQueryError:
+                self.failures += 1
+                self._retry_at[spi] = now + self._retry
+                return None
+        return known, Reason.API_SIGNAL_SPI if known else Reason.API_OTHER_SPI
+
+    def sad_changed(self) -> None:
+        self._out.clear()
+        self._in.clear()
+        self._retry_at.clear()
+        self.fallback.sad_changed()
+
+
+def _signal_selectors(src: int, dst: int, proto: int, msg_type: int) -> PacketSelectors:
+    if proto == _MH:
+        return PacketSelectors(6, src, dst, proto, None, None, None, None, msg_type)
+    return PacketSelectors(6, src, dst, proto, None, None, msg_type, 0)
+
+
+def transport_spi(answer: Mapping[str, Any] | None) -> int | None:
+    """The SPI of an engine ``query_outbound`` answer when it names a transport-mode SA."""
+    sa = answer.get("sa") if answer else None
+    if not sa or sa.get("mode") != "transport":
+        return None
+    spi = answer.get("spi")  # type: ignore[union-attr]
+    return spi if isinstance(spi, int) else None
+
+
+def answer_is_binding_update(answer: Mapping[str, Any] | None) -> bool:
+    """Does an engine ``query_inbound_spi`` answer describe a transport-mode SA whose policy
+    selects Binding Updates (proto MH, MH type 5 or any)?"""
+    if not answer or answer.get("mode") != "transport":
+        return False
+    for sel in answer.get("selectors") or ():
+        if str(sel.get("proto")) == str(_MH) and str(sel.get("mh_type")) in (str(int(MhType.BU)), "any"):
+            return True
+    return False
+
+
+def make_classifier(
+    mode: ClassifyMode | str,
+    role: str,
+    query_outbound: QueryOutbound | None = None,
+    query_inbound_spi: QueryInboundSpi | None = None,
+) -> Classifier:
+    """The classifier for ``role`` ("mn" | "ha") in ``mode``; api mode needs the query callables."""
+    mode = ClassifyMode(mode)
+    if role not in ("mn", "ha"):
+        raise MobilityError(f"role must be 'mn' or 'ha', not {role!r}")
+    if mode is ClassifyMode.HEURISTIC:
+        return HeuristicClassifier()
+    if query_outbound is None:
+        raise MobilityError("api mode needs the engine's query_outbound")
+    signals = MN_SIGNALS if role == "mn" else HA_SIGNALS
+    return ApiClassifier(query_outbound, query_inbound_spi, signals=signals)
+
+
+# --- common state ------------------------------------------------------------------------------------------
+
+
+Output = list[tuple[bytes, Route]]
+
+
+class _TunnelBase:
+    """Counters, drops and trace records shared by both ends."""
+
+    _COUNTS: tuple[str, ...] = ()
+
+    def __init__(self, classifier: Classifier, path_mtu: int, tracing: bool) -> None:
+        self.classifier = classifier
+        self.path_mtu = path_mtu
+        self.tracing = tracing
+        self.events: list[TunnelTrace] = []
+        self.counts: dict[str, int] = dict.fromkeys(self._COUNTS, 0)
+        self.reasons: dict[Reason, int] = dict.fromkeys(Reason, 0)
+        self.drops: dict[TunnelDrop, int] = dict.fromkeys(TunnelDrop, 0)
+
+    def sad_changed(self) -> None:
+        """The engine's SAD changed (reload, new SAs): forget cached and learnt SPIs."""
+        self.classifier.sad_changed()
+
+    def drain_events(self) -> list[TunnelTrace]:
+        events, self.events = self.events, []
+        return events
+
+    def _trace(self, direction: str, kind: Kind, reason: Reason | None, spi: int | None,
+               hoa: bytes | None, coa: bytes | None, drop: TunnelDrop | None = None) -> None:
+        self.events.append(TunnelTrace(direction, self.classifier.mode, kind, reason, spi, hoa, coa, drop))
+
+    def _drop(self, drop: TunnelDrop, direction: str = "out", kind: Kind = Kind.PLAIN,
+              reason: Reason | None = None, spi: int | None = None, hoa: bytes | None = None) -> Output:
+        self.drops[drop] += 1
+        if self.tracing:
+            self._trace(direction, kind, reason, spi, hoa, None, drop)
+        return []
+
+    def _too_big(self, packet: bytes, added: int, src: bytes, hoa: bytes | None) -> Output:
+        """RFC 2473 7.1: the packet cannot be sent as it is; tell its source. ``packet`` is what
+        came from the TUN, ``added`` what this module would have added to it."""
+        self.drops[TunnelDrop.TOO_BIG] += 1
+        self.counts["ptb"] += 1
+        mtu = max(self.path_mtu - added, IPV6_MIN_MTU)
+        if self.tracing:
+            self._trace("out", Kind.PTB, None, None, hoa, None, TunnelDrop.TOO_BIG)
+        return [(build_packet_too_big(packet, mtu, src), Route.TUN)]
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "mode": self.classifier.mode.value,
+            "path_mtu": self.path_mtu,
+            "counts": dict(self.counts),
+            "reasons": {r.value: n for r, n in self.reasons.items() if n},
+            "drops": {d.value: n for d, n in self.drops.items() if n},
+        }
+
+
+# --- mobile node ------------------------------------------------------------------------------------------------
+
+
+class MnState(str, Enum):
+    AT_HOME = "at-home"  # nothing rewritten: the SAs run HoA <-> HA on the home link
+    REGISTERING = "registering"  # away, no acknowledged CoA yet: BUs leave, data waits
+    REGISTERED = "registered"  # away, data via the acknowledged CoA
+    MOVING = "moving"  # away, a BU from a new CoA in flight: data keeps the old CoA (Req #3)
+
+
+class MnTunnel(_TunnelBase):
+    """The mobile node's tunnel module. Control plane: ``expect_binding_update(coa)`` just before
+    the mobility module sends a BU from ``coa``; ``binding_acknowledged(coa)`` after an accepted
+    BA; ``returned_home()`` after the de-registration. Data plane: ``outbound`` / ``inbound``."""
+
+    _COUNTS = ("out_signal", "out_data", "out_plain", "out_home", "out_other", "in_rewritten",
+               "in_rh2_removed", "ptb")
+
+    def __init__(
+        self,
+        hoa: ipaddress.IPv6Address | bytes | str,
+        ha: ipaddress.IPv6Address | bytes | str,
+        classifier: Classifier,
+        *,
+        path_mtu: int = DEFAULT_PATH_MTU,
+        tracing: bool = False,
+    ) -> None:
+        super().__init__(classifier, path_mtu, tracing)
+        self.hoa = _addr16(hoa)
+        self.ha = _addr16(ha)
+        self.at_home = True
+        self.coa: bytes | None = None  # current data CoA (acknowledged by a BA)
+        self.pending: bytes | None = None  # CoA of a BU in flight, when it differs from ``coa``
+        self.previous: bytes | None = None  # the CoA before: ESP in flight to it is still ours
+        self.expecting = False  # a BU is about to come through the TUN
+        self._hao = push_home_address_option(self.hoa, _ESP)
+
+    # --- control plane ---
+
+    @property
+    def state(self) -> MnState:
+        if self.at_home:
+            return MnState.AT_HOME
+        if self.coa is None:
+            return MnState.REGISTERING
+        return MnState.MOVING if self.pending is not None else MnState.REGISTERED
+
+    def expect_binding_update(self, coa: ipaddress.IPv6Address | bytes | str) -> None:
+        """The mobility module is about to send a BU from ``coa`` (first one, retransmission or
+        refresh): the next BU through the TUN leaves from ``coa`` with a Home Address option."""
+        coa16 = _addr16(coa)
+        self.at_home = False
+        self.pending = None if coa16 == self.coa else coa16
+        self.expecting = True
+
+    def binding_acknowledged(self, coa: ipaddress.IPv6Address | bytes | str) -> None:
+        """An accepted BA for a BU from ``coa``: data switches to it (draft 4.3.1)."""
+        coa16 = _addr16(coa)
+        if coa16 != self.coa:
+            self.previous, self.coa = self.coa, coa16
+        if self.pending == coa16:
+            self.pending = None
+        self.at_home, self.expecting = False, False  # the BU evidently went out
+
+    def returned_home(self) -> None:
+        """De-registered at home: nothing is rewritten any more (RFC 6275 11.5.5)."""
+        self.previous = self.coa
+        self.at_home, self.coa, self.pending, self.expecting = True, None, None, False
+
+    # --- data plane ---
+
+    def outbound(self, packet: bytes, now: float) -> Output:
+        """A packet the kernel routed into the TUN (the engine already applied ESP)."""
+        try:
+            view = pull_esp_view(packet)
+        except ParseError:
+            return self._drop(TunnelDrop.MALFORMED)
+        if view is None:
+            return self._plain(packet)
+        src = packet[8:24]
+        if src != self.hoa or packet[24:40] != self.ha:
+            self.counts["out_other"] += 1  # not HoA -> HA: not ours to tunnel
+            return [(packet, Route.WIRE)]
+        signal, reason = self.classifier.outbound(src, self.ha, view.spi, self.expecting, now)
+        self.reasons[reason] += 1
+        if self.at_home:
+            self.counts["out_home"] += 1
+            return [(packet, Route.WIRE)]
+        if signal:
+            return self._signal(packet, view, reason)
+        return self._data(packet, view, reason)
+
+    def _signal(self, packet: bytes, view: EspView, reason: Reason) -> Output:
+        """BU (or MPS): from the newest CoA, with the Home Address option (RFC 6275 6.3, 11.7.1)."""
+        if reason in CONFIDENT:
+            self.expecting = False
+        coa = self.pending if self.pending is not None else self.coa
+        if coa is None:
+            return self._drop(TunnelDrop.NO_COA, "out", Kind.SIGNAL, reason, view.spi, self.hoa)
+        out = insert_header(packet, view, self._hao, _DSTOPTS)
+        out[8:24] = coa
+        if len(out) > self.path_mtu:
+            return self._too_big(packet, HAO_OVERHEAD, coa, self.hoa)
+        self.counts["out_signal"] += 1
+        if self.tracing:
+            self._trace("out", Kind.SIGNAL, reason, view.spi, self.hoa, coa)
+        return [(bytes(out), Route.WIRE)]
+
+    def _data(self, packet: bytes, view: EspView, reason: Reason) -> Output:
+        """Data: from the acknowledged CoA only, even while a BU from a new one is in flight."""
+        coa = self.coa
+        if coa is None:
+            return self._drop(TunnelDrop.NO_COA, "out", Kind.DATA, reason, view.spi, self.hoa)
+        if len(packet) > self.path_mtu:
+            return self._too_big(packet, 0, coa, self.hoa)
+        self.counts["out_data"] += 1
+        if self.tracing:
+            self._trace("out", Kind.DATA, reason, view.spi, self.hoa, coa)
+        return [(packet[:8] + coa + packet[24:], Route.WIRE)]
+
+    def _plain(self, packet: bytes) -> Output:
+        """Not ESP. From the HoA: the engine should have protected it (fail closed). Link-local or
+        multicast: never tunnelled. Anything else (say, from the CoA): sent natively."""
+        if packet[8:24] == self.hoa:
+            return self._drop(TunnelDrop.CLEARTEXT, reason=Reason.NOT_ESP)
+        if _link_local_or_multicast(packet):
+            return self._drop(TunnelDrop.LINK_LOCAL, reason=Reason.NOT_ESP)
+        self.counts["out_plain"] += 1
+        return [(packet, Route.WIRE)]
+
+    def inbound(self, packet: bytes, now: float) -> bytes | TunnelDrop | None:
+        """A packet in raw PREROUTING, before the engine. ESP from the HA to one of our CoAs gets
+        the HoA as destination (its type 2 routing header removed); None: leave it unchanged."""
+        if self.at_home or len(packet) < IPV6_HEADER_LEN or packet[0] >> 4 != 6:
+            return None
+        dst = packet[24:40]
+        if packet[8:24] != self.ha or dst == self.hoa or dst not in (self.coa, self.pending, self.previous):
+            return None
+        try:
+            return self._to_hoa(packet, dst)
+        except ParseError:
+            self.drops[TunnelDrop.MALFORMED] += 1
+            return TunnelDrop.MALFORMED
+
+    def _to_hoa(self, packet: bytes, coa: bytes) -> bytes | TunnelDrop | None:
+        end = IPV6_HEADER_LEN + _H.unpack_from(packet, 4)[0]
+        if end > len(packet):
+            raise ParseError("IPv6 Payload Length beyond the packet")
+        nh, off, nh_at, rh2, rh2_nh_at = packet[6], IPV6_HEADER_LEN, 6, -1, -1
+        while nh in _EXT_HEADERS:
+            if off + 8 > end:
+                raise ParseError("truncated IPv6 extension header")
+            if nh == _ROUTING and packet[off + 2] == ROUTING_TYPE_2:
+                if not self._our_rh2(packet, off, end):
+                    self.drops[TunnelDrop.BAD_RH2] += 1
+                    return TunnelDrop.BAD_RH2
+                rh2, rh2_nh_at = off, nh_at
+            nh_at, nh, off = off, packet[off], off + (packet[off + 1] + 1) * 8
+        if nh != _ESP:
+            return None  # cleartext to the CoA: not the tunnel's business
+        spi = _I.unpack_from(packet, off)[0] if off + 4 <= end else None
+        out = bytearray(packet)
+        out[24:40] = self.hoa
+        if rh2 >= 0:  # RFC 6275 11.3.3: processed by us, so it goes
+            out[rh2_nh_at] = packet[rh2]
+            del out[rh2 : rh2 + RH2_OVERHEAD]
+            out[4:6] = _H.pack(len(out) - IPV6_HEADER_LEN)
+            self.counts["in_rh2_removed"] += 1
+        self.counts["in_rewritten"] += 1
+        if self.tracing:
+            self._trace("in", Kind.SIGNAL if rh2 >= 0 else Kind.DATA, None, spi, self.hoa, coa)
+        return bytes(out)
+
+    def _our_rh2(self, packet: bytes, off: int, end: int) -> bool:
+        """RFC 6275 11.3.3: Hdr Ext Len 2, Segments Left 1, and the address is our HoA."""
+        return (
+            off + RH2_OVERHEAD <= end
+            and packet[off + 1] == 2
+            and packet[off + 3] == 1
+            and packet[off + 8 : off + 24] == self.hoa
+        )
+
+    def status(self) -> dict[str, Any]:
+        st = super().status()
+        st.update(state=self.state.value, hoa=_text(self.hoa), ha=_text(self.ha), coa=_text(self.coa),
+                  pending=_text(self.pending))
+        return st
+
+
+# --- home agent ------------------------------------------------------------------------------------------------------
+
+
+BindingLookup = Callable[[bytes], "bytes | None"]
+
+
+class BindingTable:
+    """HoA -> IPv6 CoA (16-octet keys and values) for ``HaTunnel``: one dictionary lookup per
+    packet. Fed with the HA ``BindingCache`` events; an IPv4 tunnel destination (DSMIPv6) is not
+    an IPv6 tunnel, so such a binding is absent here."""
+
+    def __init__(self) -> None:
+        self._coa: dict[bytes, bytes] = {}
+        self.lookup: BindingLookup = self._coa.get
+
+    def set(self, hoa: ipaddress.IPv6Address | bytes | str, coa: ipaddress.IPv6Address | bytes | str) -> None:
+        self._coa[_addr16(hoa)] = _addr16(coa)
+
+    def delete(self, hoa: ipaddress.IPv6Address | bytes | str) -> None:
+        self._coa.pop(_addr16(hoa), None)
+
+    def apply(self, events: Iterable[object]) -> None:
+        """Apply ``BindingCreated`` / ``BindingUpdated`` / ``BindingDeleted``; ignore the rest."""
+        for ev in events:
+            if isinstance(ev, (BindingCreated, BindingUpdated)):
+                dest = ev.entry.tunnel_destination
+                if dest.version == 6:
+                    self.set(ev.hoa, dest)
+                else:
+                    self.delete(ev.hoa)
+            elif isinstance(ev, BindingDeleted):
+                self.delete(ev.hoa)
+
+    def __len__(self) -> int:
+        return len(self._coa)
+
+
+class HaTunnel(_TunnelBase):
+    """The home agent's tunnel module. ``lookup(hoa16) -> coa16 | None`` is the binding cache
+    (``BindingTable.lookup``). Control plane: ``expect_binding_ack(hoa, coa)`` before the mobility
+    module sends a BA answering an authenticated BU from ``coa``. ``inner_mtu``: cleartext packets
+    for a HoA larger than this get a Packet Too Big (see ``MtuPlan``)."""
+
+    _COUNTS = ("out_signal", "out_data", "out_reinjected", "in_hao", "ptb")
+
+    def __init__(
+        self,
+        ha: ipaddress.IPv6Address | bytes | str,
+        lookup: BindingLookup,
+        classifier: Classifier,
+        *,
+        path_mtu: int = DEFAULT_PATH_MTU,
+        inner_mtu: int | None = None,
+        tracing: bool = False,
+    ) -> None:
+        super().__init__(classifier, path_mtu, tracing)
+        self.ha = _addr16(ha)
+        self.lookup = lookup
+        self.inner_mtu = inner_mtu
+        self.expecting: set[bytes] = set()  # HoAs whose BA is about to come through the TUN
+        self._ba_dst: dict[bytes, bytes] = {}  # HoA -> CoA of the authenticated BU being answered
+        self.seen: dict[bytes, bytes] = {}  # HoA -> source of its last Home Address option packet
+
+    # --- control plane ---
+
+    def expect_binding_ack(self, hoa: ipaddress.IPv6Address | bytes | str,
+                           coa: ipaddress.IPv6Address | bytes | str) -> None:
+        """The next BA to ``hoa`` answers a BU from ``coa``: it goes there (RFC 6275 9.5.4)."""
+        hoa16 = _addr16(hoa)
+        self._ba_dst[hoa16] = _addr16(coa)
+        self.expecting.add(hoa16)
+
+    def seen_coa(self, hoa: ipaddress.IPv6Address | bytes | str) -> bytes | None:
+        """The source address of the last packet with a Home Address option for ``hoa``
+        (unauthenticated: compare it with the BU's Alternate Care-of Address)."""
+        return self.seen.get(_addr16(hoa))
+
+    # --- data plane ---
+
+    def outbound(self, packet: bytes, now: float) -> Output:
+        """A packet the kernel routed into the TUN (route HoA/128 while a binding exists)."""
+        try:
+            view = pull_esp_view(packet)
+        except ParseError:
+            return self._drop(TunnelDrop.MALFORMED)
+        hoa = packet[24:40]
+        if view is None or packet[8:24] != self.ha:
+            return self._plain(packet, hoa)  # not our engine's ESP: have the engine protect it
+        expecting = hoa in self.expecting
+        signal, reason = self.classifier.outbound(self.ha, hoa, view.spi, expecting, now)
+        self.reasons[reason] += 1
+        if signal:
+            return self._signal(packet, view, hoa, reason)
+        return self._data(packet, view, hoa, reason)
+
+    def _signal(self, packet: bytes, view: EspView, hoa: bytes, reason: Reason) -> Output:
+        """BA (or MPA): to the CoA the BU came from, with a type 2 routing header (RFC 6275 6.4)."""
+        if reason in CONFIDENT:
+            self.expecting.discard(hoa)
+            coa = self._ba_dst.pop(hoa, None)
+        else:
+            coa = self._ba_dst.get(hoa)
+        coa = coa or self.seen.get(hoa) or self.lookup(hoa)
+        if coa is None:
+            return self._drop(TunnelDrop.NO_BINDING, "out", Kind.SIGNAL, reason, view.spi, hoa)
+        if coa == hoa:
+            return self._drop(TunnelDrop.LOOP, "out", Kind.SIGNAL, reason, view.spi, hoa)
+        out = insert_header(packet, view, push_type2_routing_header(hoa, packet[view.nh_at]), _ROUTING)
+        out[24:40] = coa
+        if len(out) > self.path_mtu:
+            return self._too_big(packet, RH2_OVERHEAD, self.ha, hoa)
+        self.counts["out_signal"] += 1
+        if self.tracing:
+            self._trace("out", Kind.SIGNAL, reason, view.spi, hoa, coa)
+        return [(bytes(out), Route.WIRE)]
+
+    def _data(self, packet: bytes, view: EspView, hoa: bytes, reason: Reason) -> Output:
+        """Req #1 (draft 4.1.2): after IPsec, destination HoA -> the binding's CoA."""
+        coa = self.lookup(hoa)
+        if coa is None:
+            return self._drop(TunnelDrop.NO_BINDING, "out", Kind.DATA, reason, view.spi, hoa)
+        if len(packet) > self.path_mtu:
+            return self._too_big(packet, 0, self.ha, hoa)
+        self.counts["out_data"] += 1
+        if self.tracing:
+            self._trace("out", Kind.DATA, reason, view.spi, hoa, coa)
+        return [(packet[:24] + coa + packet[40:], Route.WIRE)]
+
+    def _plain(self, packet: bytes, hoa: bytes) -> Output:
+        """A packet forwarded to a bound HoA that the engine has not protected (it hooks locally
+        sent packets only): sent again as a local packet so the engine's OUTPUT hook applies the
+        payload SA; its hop limit is decremented so that a loop ends."""
+        if _link_local_or_multicast(packet):
+            return self._drop(TunnelDrop.LINK_LOCAL, reason=Reason.NOT_ESP)
+        if self.lookup(hoa) is None:
+            return self._drop(TunnelDrop.NO_BINDING, reason=Reason.NOT_ESP, hoa=hoa)
+        if packet[7] <= 1:
+            return self._drop(TunnelDrop.HOP_LIMIT, reason=Reason.NOT_ESP, hoa=hoa)
+        if self.inner_mtu is not None and len(packet) > self.inner_mtu:
+            self.drops[TunnelDrop.TOO_BIG] += 1
+            self.counts["ptb"] += 1
+            if self.tracing:
+                self._trace("out", Kind.PTB, Reason.NOT_ESP, None, hoa, None, TunnelDrop.TOO_BIG)
+            mtu = max(self.inner_mtu, IPV6_MIN_MTU)
+            return [(build_packet_too_big(packet, mtu, self.ha), Route.WIRE)]
+        out = bytearray(packet)
+        out[7] -= 1
+        self.counts["out_reinjected"] += 1
+        if self.tracing:
+            self._trace("out", Kind.PLAIN, Reason.NOT_ESP, None, hoa, None)
+        return [(bytes(out), Route.LOCAL)]
+
+    def inbound(self, packet: bytes, now: float) -> bytes | TunnelDrop | None:
+        """A packet in raw PREROUTING, before the engine. One with a Home Address option for us:
+        source and option swapped (RFC 6275 9.3.1), the option retyped so the kernel skips it, the
+        CoA recorded. None: leave it unchanged."""
+        if len(packet) < IPV6_HEADER_LEN or packet[0] >> 4 != 6 or packet[24:40] != self.ha:
+            return None
+        try:
+            found = _find_hao(packet)
+        except ParseError:
+            self.drops[TunnelDrop.MALFORMED] += 1
+            return TunnelDrop.MALFORMED
+        if found is None:
+            return None
+        opt, spi = found
+        coa, hoa = packet[8:24], packet[opt + 2 : opt + 18]
+        out = bytearray(packet)
+        out[8:24] = hoa
+        out[opt] = NEUTRAL_OPTION_TYPE
+        out[opt + 2 : opt + 18] = coa  # after the swap the option holds the CoA (9.3.1)
+        self._record(hoa, coa, spi, now)
+        return bytes(out)
+
+    def _record(self, hoa: bytes, coa: bytes, spi: int | None, now: float) -> None:
+        """Draft 4.4.2: is this a BU (record its CoA before IPsec)? api: the SPI's selectors say so;
+        heuristic: the source differs from the binding's CoA -- a BU from a new CoA, or garbage that
+        authentication will drop. Either way the next BA to ``hoa`` is expected."""
+        verdict = self.classifier.inbound_signal(spi, now) if spi is not None else None
+        if verdict is None:
+            bound = self.lookup(hoa)
+            is_bu = True
+            reason = Reason.NO_BINDING if bound is None else (
+                Reason.COA_KNOWN if bound == coa else Reason.COA_CHANGED)
+        else:
+            is_bu, reason = verdict
+        self.reasons[reason] += 1
+        self.counts["in_hao"] += 1
+        if is_bu:
+            if hoa not in self.seen and len(self.seen) >= SEEN_COA_LIMIT:
+                self.seen.pop(next(iter(self.seen)))
+            self.seen[hoa] = coa
+            self.expecting.add(hoa)
+        if self.tracing:
+            self._trace("in", Kind.HAO, reason, spi, hoa, coa)
+
+    def status(self) -> dict[str, Any]:
+        st = super().status()
+        st.update(ha=_text(self.ha), expecting=sorted(_text(h) for h in self.expecting))
+        return st
+
+
+def _find_hao(packet: bytes) -> tuple[int, int | None] | None:
+    """Offset of the Home Address option's Type octet in the Destination Options header before
+    ESP/the upper layer, and the SPI when ESP follows; None without the option."""
+    end = IPV6_HEADER_LEN + _H.unpack_from(packet, 4)[0]
+    if end > len(packet):
+        raise ParseError("IPv6 Payload Length beyond the packet")
+    nh, off, opt = packet[6], IPV6_HEADER_LEN, -1
+    while nh in _EXT_HEADERS:
+        if off + 8 > end:
+            raise ParseError("truncated IPv6 extension header")
+        hlen = (packet[off + 1] + 1) * 8
+        if off + hlen > end:
+            raise ParseError("IPv6 extension header beyond the packet")
+        if nh == _DSTOPTS and opt < 0:
+            opt = _hao_in(packet, off + 2, off + hlen)
+        nh, off = packet[off], off + hlen
+    if opt < 0:
+        return None
+    spi = _I.unpack_from(packet, off)[0] if nh == _ESP and off + 4 <= end else None
+    return opt, spi
+
+
+def _hao_in(packet: bytes, i: int, end: int) -> int:
+    while i < end:
+        otype = packet[i]
+        if otype == 0:  # Pad1
+            i += 1
+            continue
+        if i + 2 > end or i + 2 + packet[i + 1] > end:
+            raise ParseError("destination option beyond its header")
+        if otype == HAO_OPTION_TYPE:
+            if packet[i + 1] != HAO_DATA_LEN:
+                raise ParseError("Home Address option length is not 16")
+            return i
+        i += 2 + packet[i + 1]
+    return -1
+
+
+__all__ = [
+    "ApiClassifier",
+    "BindingTable",
+    "CONFIDENT",
+    "ClassifyMode",
+    "EngineQueryError",
+    "EspShape",
+    "EspView",
+    "HA_SIGNALS",
+    "HaTunnel",
+    "HeuristicClassifier",
+    "Kind",
+    "MN_SIGNALS",
+    "MnState",
+    "MnTunnel",
+    "MtuPlan",
+    "Reason",
+    "Route",
+    "SpiLearner",
+    "TunnelDrop",
+    "TunnelTrace",
+    "answer_is_binding_update",
+    "transport_spi",
+    "build_packet_too_big",
+    "esp_shape",
+    "esp_tunnel_size",
+    "insert_header",
+    "make_classifier",
+    "pull_esp_view",
+    "tunnel_mtus",
+]
