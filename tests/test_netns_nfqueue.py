@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 
+from bits.errors import BitsError, ConfigError
 from bits.io.control import ControlError, control_request
 from bits.io.iptables import rules_install, rules_remove
 from bits.io.tracefile import read_all
@@ -130,7 +131,17 @@ def serve(cfg_path: str) -> int:
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     cfg = load_node_config(cfg_path)
-    return run_processor(cfg, lambda tracer, direction: StandInEngine(tracer, direction))
+
+    def factory(tracer: Tracer, direction: object) -> StandInEngine:
+        if os.environ.get("MBP_FAIL_IN") and getattr(direction, "value", None) == "in":
+            raise ConfigError("bad SA line", path="a.setkey", line=3)
+        return StandInEngine(tracer, direction)
+
+    try:
+        return run_processor(cfg, factory)
+    except BitsError as exc:  # what the command line does: one line naming the problem
+        print(f"mipbits: error: {exc}", file=sys.stderr)
+        return 2
 
 
 # -- fixtures ------------------------------------------------------------------------------------
@@ -418,6 +429,28 @@ def test_two_workers_kill9_supervisor_takes_workers_down(topo: Topology, tmp_pat
 
     wait_until(gone, timeout=10, what="workers to exit after their supervisor died")
     assert _leaks(topo, lambda: _send_everything(topo)) == 0
+
+
+def test_two_workers_startup_error_is_reported_and_nothing_is_left(topo: Topology, tmp_path: Path) -> None:
+    cfg = write_node(tmp_path, workers=2)
+    log = open(tmp_path / "processor.log", "wb")
+    env = {**os.environ, "MBP_FAIL_IN": "1", "PYTHONPATH": str(REPO)}
+    proc = topo.spawn(topo.hosts["a"].ns, sys.executable, "-m", "tests.test_netns_nfqueue", "serve", cfg.path,
+                      stderr=log, env=env, cwd=str(REPO))
+    assert proc.wait(30) == 2
+    log.close()
+    text = (tmp_path / "processor.log").read_text()
+    assert "mipbits: error: in worker: a.setkey:3: bad SA line" in text
+    pids = subprocess.run(["ip", "netns", "pids", topo.hosts["a"].ns], capture_output=True, text=True).stdout.split()
+    assert not [p for p in pids if "test_netns_nfqueue" in _cmdline(p)]
+    assert not os.path.exists(cfg.control_socket)
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 def _state(pid: int) -> str:

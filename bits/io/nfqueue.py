@@ -408,8 +408,11 @@ def run_worker(
     direction: Direction | None = None,
     control_path: str | None = None,
     on_reload: ReloadHook | None = None,
+    ready: Callable[[], None] | None = None,
 ) -> int:
-    """One process: build the engine, bind the queues, serve until SIGTERM/SIGINT. Returns 0."""
+    """One process: build the engine, bind the queues, serve until SIGTERM/SIGINT. Returns 0.
+
+    ``ready()`` is called once the queues are bound (the supervisor waits for it)."""
     writer = open_trace_writer(cfg.trace)
     tracer = Tracer(writer.write if writer else None, cfg.trace.level, component="bits")
     try:
@@ -423,16 +426,18 @@ def run_worker(
         control_path=control_path if control_path is not None else cfg.control_socket,
         maxlen=cfg.queues.maxlen, on_reload=on_reload, role=direction.value if direction else "both",
     )
-    serve_with_signals(proc)
+    serve_with_signals(proc, ready)
     LOG.info("stopped")
     return 0
 
 
-def serve_with_signals(proc: Processor) -> None:
+def serve_with_signals(proc: Processor, ready: Callable[[], None] | None = None) -> None:
     """Bind, serve until SIGTERM/SIGINT (SIGHUP reloads), close. Main thread only."""
     with _signals(proc.request_stop, proc.request_reload, proc.wakeup_fd()):
         try:
             proc.bind()
+            if ready is not None:
+                ready()
             proc.serve()
         finally:
             proc.close()
@@ -484,6 +489,7 @@ class Supervisor:
         self.engine_factory = engine_factory
         self.on_reload = on_reload
         self.children: dict[Direction, int] = {}
+        self._reports: dict[Direction, int] = {}  # start-up report pipes (read ends)
         self._stop = False
         self._hup = False
         self._wake_r, self._wake_w = socket.socketpair()
@@ -495,9 +501,11 @@ class Supervisor:
             signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the loop
             try:
                 control = ControlServer(self.cfg.control_socket, self._handle)
-                for direction in (Direction.OUT, Direction.IN):
-                    self.children[direction] = self._spawn(direction, control)
                 try:
+                    for direction in (Direction.OUT, Direction.IN):
+                        self.children[direction] = self._spawn(direction, control)
+                    if not self._await_ready():
+                        return self._stop_children()  # stopped while starting
                     return self._loop(control)
                 finally:
                     control.close()
@@ -508,25 +516,60 @@ class Supervisor:
                 self._wake_w.close()
 
     def _spawn(self, direction: Direction, control: ControlServer) -> int:
+        """Fork one worker. It reports "ok" (queues bound) or its start-up error on a pipe."""
+        report_r, report_w = os.pipe()
         pid = os.fork()
         if pid:
+            os.close(report_w)
+            self._reports[direction] = report_r
             return pid
         code = 1
         try:
+            os.close(report_r)
             # Until run_worker installs its handlers: SIGTERM ends us, SIGHUP is ignored.
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             signal.set_wakeup_fd(-1)
             control.close_inherited()
+            for fd in self._reports.values():
+                os.close(fd)
             _die_with_parent()
             path = worker_socket(self.cfg.control_socket, direction)
-            code = run_worker(self.cfg, self.engine_factory, direction, path, self.on_reload)
+            code = run_worker(self.cfg, self.engine_factory, direction, path, self.on_reload,
+                              ready=lambda: os.write(report_w, b"ok\n"))
         except BaseException as exc:  # noqa: BLE001 - report, then leave the child
+            with contextlib.suppress(OSError):
+                os.write(report_w, f"error {exc}\n".encode()[:4000])
             LOG.error("%s worker failed: %s", direction.value, exc, exc_info=not isinstance(exc, BitsError))
         finally:
             logging.shutdown()
             os._exit(code)
+
+    def _await_ready(self, timeout: float = 60.0) -> bool:
+        """Wait until both workers bound their queues; ProcessorError with a worker's start-up
+        error (e.g. a bad SA file) so the command line can print it. False: stopped meanwhile."""
+        pending = dict(self._reports)
+        deadline = time.monotonic() + timeout
+        try:
+            while pending:
+                if self._stop:
+                    return False
+                if time.monotonic() > deadline:
+                    raise ProcessorError(f"workers not ready after {timeout:.0f} s: {sorted(d.value for d in pending)}")
+                ready, _, _ = select.select(list(pending.values()), [], [], 0.2)
+                for direction, fd in list(pending.items()):
+                    if fd in ready:
+                        line = os.read(fd, 4096).decode(errors="replace").strip()
+                        if line != "ok":
+                            why = line.removeprefix("error ") or "exited during start-up"
+                            raise ProcessorError(f"{direction.value} worker: {why}")
+                        del pending[direction]
+            return True
+        finally:
+            for fd in self._reports.values():
+                os.close(fd)
+            self._reports.clear()
 
     def _loop(self, control: ControlServer) -> int:
         sel = selectors.DefaultSelector()
