@@ -26,7 +26,7 @@ When soft and hard limits are reached together only the hard event is reported.
 Speed: the MIPv6 data path is tunnel mode, IPv6 in IPv6, with an AEAD. For that case the SA binds
 ``encapsulate``/``decapsulate`` to fast paths (``_encap_fast6``/``_decap_fast6``) that inline the
 AEAD call and hand anything unusual (other versions, ESN, reservation, out-of-order, bad input) to
-the generic paths, which are the reference behaviour. Tests run every case through both.
+the generic paths, which are the reference behaviour; tests check that the two agree.
 """
 
 from __future__ import annotations
