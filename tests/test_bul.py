@@ -382,3 +382,20 @@ def test_dual_stack_falls_back_to_ipv4_after_three_bus_and_keeps_the_family():
     bul.handle_binding_ack(ack_for(bul), 30.1)
     (out,), _ = bul.movement(V2, 40.0, ipv4_coa=C4B)  # IPv6 worked: preferred again
     assert out.src == V2
+
+
+def test_ipv4_home_address_request_assignment_and_refusal():
+    from mobility.bul import Ipv4HomeAddressAssigned, Ipv4HomeAddressRefused
+    from mobility.options import Ipv4AddressAck, Ipv4HomeAddress
+
+    bul = make(ipv4_hoa=IPv4Address(0))
+    (out,), _ = bul.movement(V1, 0.0)
+    assert out.bu.options == (AlternateCareOfAddress(V1), Ipv4HomeAddress(IPv4Address(0)))
+    given = IPv4Address("10.1.0.10")
+    _, events = bul.handle_binding_ack(ack_for(bul, options=(Ipv4AddressAck(0, 32, given),)), 0.1)
+    assert Ipv4HomeAddressAssigned(given, 32) in events and bul.binding.ipv4_hoa == given
+    (out,), _ = bul.handle_binding_refresh_request(1.0)
+    assert out.bu.options[1] == Ipv4HomeAddress(given)  # later BUs ask for the assigned address
+    _, events = bul.handle_binding_ack(ack_for(bul, options=(Ipv4AddressAck(130, 0, given),)), 1.1)
+    assert Ipv4HomeAddressRefused(130) in events and bul.binding.ipv4_hoa is None
+    assert bul.state is MnState.BOUND  # the IPv6 binding stands (RFC 5555 4.4.2)
