@@ -1,0 +1,251 @@
+"""Routes, addresses, proxy Neighbor Discovery and policy routing for the tunnel (control plane).
+
+Everything goes through ``ip`` / ``sysctl`` subprocess calls (never per packet), and every change
+is recorded with the command that undoes it, in named groups: ``revert(group)`` undoes one group,
+``cleanup()`` undoes everything in reverse order and restores sysctls to their previous values.
+
+Home agent (RFC 6275 10.4.1):
+
+* ``setup()``: ``net.ipv6.conf.all.forwarding=1`` and ``proxy_ndp=1`` on the home link;
+* ``bind(hoa)`` while a binding exists: ``HoA/128 dev TUN`` (packets for the HoA reach the tunnel
+  module), ``ip -6 neigh add proxy HoA dev HOME`` (the HA answers Neighbor Solicitations for it)
+  and an unsolicited Neighbor Advertisement so neighbours forget the MN's old link-layer address;
+* ``unbind(hoa)``: both removed.
+
+Mobile node, while away (RFC 6275 11.2, 11.5.2):
+
+* ``setup()``: ``ip -6 rule add fwmark SEND_MARK lookup TABLE``: packets the tunnel module sends
+  (SO_MARK) leave via the visited link, not back into the TUN;
+* ``away(...)``: the HoA on the TUN (``nodad``: no DAD on the HoA while bound), ``HA/128 dev TUN``
+  (the engine's ESP packets reach the tunnel module), ``default dev TUN metric 1 mtu INNER`` (the
+  host's traffic goes to the engine with the inner MTU), and in TABLE ``default via GATEWAY dev
+  VISITED`` (where the marked packets go);
+* ``home()``: all of that removed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import socket
+import struct
+import subprocess
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from ..binding import BindingCreated, BindingDeleted
+from ..errors import MobilityError
+
+LOG = logging.getLogger("mipbits.routes")
+
+#: Packets the tunnel module sends to the wire: the engine's rules skip them and, on the MN,
+#: policy routing sends them out of the visited link.
+SEND_MARK = 0x00100000
+#: Packets the inbound hook has already seen (it re-queues them with NF_REPEAT).
+HOOK_MARK = 0x00200000
+DEFAULT_TABLE = 201
+DEFAULT_RULE_PREF = 1000  # before the main table's rule (32766)
+TUN_METRIC = 1  # the MN's default route via the TUN wins over RA-learnt ones (1024)
+
+class Runner(Protocol):
+    def __call__(self, argv: Sequence[str], stdin: str | None = None) -> str: ...
+
+
+class RoutesError(MobilityError):
+    """An ``ip`` / ``sysctl`` command failed; carries the command and its stderr."""
+
+
+def command_runner(netns: str | None = None, timeout: float = 10.0) -> Runner:
+    """Run a command (optionally in ``ip netns exec NETNS``), return stdout, raise RoutesError."""
+    prefix = ["ip", "netns", "exec", netns] if netns else []
+
+    def run(argv: Sequence[str], stdin: str | None = None) -> str:
+        cmd = [*prefix, *argv]
+        try:
+            done = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise RoutesError(f"{' '.join(cmd)}: {exc}") from None
+        if done.returncode != 0:
+            raise RoutesError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()}")
+        return done.stdout
+
+    return run
+
+
+class NetConfig:
+    """Changes with their undo commands, in named groups."""
+
+    def __init__(self, runner: Runner | None = None) -> None:
+        self.run = runner or command_runner()
+        self._groups: dict[str, list[list[str]]] = {}  # group -> undo commands, in order done
+
+    def change(self, group: str, do: Sequence[str], undo: Sequence[str]) -> None:
+        """Run ``do``; on success remember ``undo`` under ``group``."""
+        self.run(do)
+        self._groups.setdefault(group, []).append(list(undo))
+
+    def sysctl(self, group: str, key: str, value: str) -> None:
+        """Set ``key`` unless it already has ``value``; the undo restores the old value."""
+        old = self.run(["sysctl", "-n", key]).strip()
+        if old != value:
+            self.change(group, ["sysctl", "-qw", f"{key}={value}"], ["sysctl", "-qw", f"{key}={old}"])
+
+    def has(self, group: str) -> bool:
+        return group in self._groups
+
+    def revert(self, group: str) -> list[str]:
+        """Undo ``group`` (last change first). Failures are logged and returned, not raised: a
+        route already gone (link removed) must not stop the rest of the clean-up."""
+        failures = []
+        for undo in reversed(self._groups.pop(group, [])):
+            try:
+                self.run(undo)
+            except RoutesError as exc:
+                LOG.warning("undo failed: %s", exc)
+                failures.append(str(exc))
+        return failures
+
+    def cleanup(self) -> list[str]:
+        """Undo every group, newest first."""
+        failures = []
+        for group in reversed(list(self._groups)):
+            failures += self.revert(group)
+        return failures
+
+    def groups(self) -> list[str]:
+        return list(self._groups)
+
+
+# --- home agent -----------------------------------------------------------------------------------------------
+
+
+class HaRoutes(NetConfig):
+    """Routes and proxy ND of a home agent (RFC 6275 10.4.1)."""
+
+    def __init__(self, tun: str, home_if: str, runner: Runner | None = None,
+                 announce: Callable[[str, str], None] | None = None) -> None:
+        super().__init__(runner)
+        self.tun = tun
+        self.home_if = home_if
+        self.announce = announce  # (iface, hoa) -> send an unsolicited NA; None: skip
+
+    def setup(self) -> None:
+        self.sysctl("setup", "net.ipv6.conf.all.forwarding", "1")
+        self.sysctl("setup", f"net.ipv6.conf.{self.home_if}.proxy_ndp", "1")
+
+    def bind(self, hoa: str | ipaddress.IPv6Address) -> None:
+        """Intercept ``hoa``: route it into the TUN and answer Neighbor Solicitations for it.
+        Idempotent: a binding moving to another CoA changes nothing here."""
+        group = f"hoa {hoa}"
+        if self.has(group):
+            return
+        self.change(group, ["ip", "-6", "route", "replace", f"{hoa}/128", "dev", self.tun],
+                    ["ip", "-6", "route", "del", f"{hoa}/128", "dev", self.tun])
+        self.change(group, ["ip", "-6", "neigh", "replace", "proxy", str(hoa), "dev", self.home_if],
+                    ["ip", "-6", "neigh", "del", "proxy", str(hoa), "dev", self.home_if])
+        if self.announce is not None:
+            self.announce(self.home_if, str(hoa))
+
+    def unbind(self, hoa: str | ipaddress.IPv6Address) -> None:
+        self.revert(f"hoa {hoa}")
+
+    def apply(self, events: Sequence[object]) -> None:
+        """``BindingCreated`` -> bind, ``BindingDeleted`` -> unbind (call before sending the BA of
+        a de-registration, so that BA is not routed into the tunnel)."""
+        for ev in events:
+            if isinstance(ev, BindingCreated):
+                self.bind(ev.hoa)
+            elif isinstance(ev, BindingDeleted):
+                self.unbind(ev.hoa)
+
+
+# --- mobile node --------------------------------------------------------------------------------------------------
+
+
+class MnRoutes(NetConfig):
+    """Routes of a mobile node away from home (RFC 6275 11.2)."""
+
+    def __init__(self, tun: str, runner: Runner | None = None, *, table: int = DEFAULT_TABLE,
+                 pref: int = DEFAULT_RULE_PREF, mark: int = SEND_MARK) -> None:
+        super().__init__(runner)
+        self.tun = tun
+        self.table = str(table)
+        self.pref = str(pref)
+        self.mark = f"{mark:#x}/{mark:#x}"
+
+    def setup(self) -> None:
+        """The policy rule for marked packets (kept while the daemon runs, home or away)."""
+        rule = ["pref", self.pref, "fwmark", self.mark, "lookup", self.table]
+        self.change("setup", ["ip", "-6", "rule", "add", *rule], ["ip", "-6", "rule", "del", *rule])
+
+    def away(self, hoa: str, ha: str, iface: str, gateway: str | None, inner_mtu: int) -> None:
+        """Away on ``iface`` (next hop ``gateway``, None: on-link). Moving again only replaces
+        the route of the marked packets."""
+        if not self.has("away"):
+            self.change("away", ["ip", "-6", "addr", "add", f"{hoa}/128", "dev", self.tun, "nodad"],
+                        ["ip", "-6", "addr", "del", f"{hoa}/128", "dev", self.tun])
+            self.change("away", ["ip", "-6", "route", "replace", f"{ha}/128", "dev", self.tun],
+                        ["ip", "-6", "route", "del", f"{ha}/128", "dev", self.tun])
+            default = ["default", "dev", self.tun, "metric", str(TUN_METRIC)]
+            self.change("away", ["ip", "-6", "route", "replace", *default, "mtu", str(inner_mtu)],
+                        ["ip", "-6", "route", "del", *default])
+        self.revert("link")
+        via = ["via", gateway] if gateway else []
+        route = ["default", *via, "dev", iface, "table", self.table]
+        self.change("link", ["ip", "-6", "route", "replace", *route], ["ip", "-6", "route", "del", *route])
+
+    def home(self) -> None:
+        self.revert("link")
+        self.revert("away")
+
+    def default_gateway(self, iface: str) -> str | None:
+        """The next hop of the main table's IPv6 default route on ``iface`` (learnt from RAs)."""
+        out = self.run(["ip", "-6", "-j", "route", "show", "default", "dev", iface])
+        try:
+            routes = json.loads(out or "[]")
+        except ValueError:
+            return None
+        return next((r["gateway"] for r in routes if r.get("gateway")), None)
+
+
+# --- unsolicited Neighbor Advertisement (RFC 4861 7.2.6, RFC 6275 10.4.1) -----------------------------------------------
+
+_NA = struct.Struct("!BBHI16s")  # Type 136, Code, Checksum, R|S|O flags, Target Address
+_NA_ROUTER, _NA_OVERRIDE = 0x80000000, 0x20000000
+_TLLA = 2  # Target Link-Layer Address option
+
+
+def push_unsolicited_na(target: str, mac: bytes, router: bool = True) -> bytes:
+    """ICMPv6 NA for ``target`` with O = 1, S = 0 and our link-layer address (checksum 0: the
+    kernel fills it for ICMPv6 raw sockets)."""
+    flags = _NA_OVERRIDE | (_NA_ROUTER if router else 0)
+    body = _NA.pack(136, 0, 0, flags, ipaddress.IPv6Address(target).packed)
+    return body + bytes([_TLLA, 1]) + mac
+
+
+def send_unsolicited_na(iface: str, target: str) -> None:
+    """Tell the link that ``target`` is now at this interface's link-layer address (all-nodes
+    multicast, hop limit 255). Used as ``HaRoutes(announce=...)``."""
+    mac = bytes.fromhex(Path(f"/sys/class/net/{iface}/address").read_text().strip().replace(":", ""))
+    index = socket.if_nametoindex(iface)
+    with socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6) as s:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, index)
+        s.sendto(push_unsolicited_na(target, mac), ("ff02::1", 0, 0, index))
+
+
+__all__ = [
+    "DEFAULT_TABLE",
+    "HOOK_MARK",
+    "HaRoutes",
+    "MnRoutes",
+    "NetConfig",
+    "RoutesError",
+    "Runner",
+    "SEND_MARK",
+    "command_runner",
+    "push_unsolicited_na",
+    "send_unsolicited_na",
+]
