@@ -102,7 +102,9 @@ class _Reader:
             raise self.fail(section, unknown[0], f"unknown key (known: {', '.join(sorted(_KNOWN[section]))})")
         return value
 
-    def get(self, section: str, key: str, kind: type | tuple[type, ...], default: Any = ..., required: bool = False) -> Any:
+    def get(
+        self, section: str, key: str, kind: type | tuple[type, ...], default: Any = ..., required: bool = False
+    ) -> Any:
         table = self.table(section)
         if key not in table:
             if required or default is ...:

@@ -36,6 +36,7 @@ import os
 import sys
 import time
 from collections import deque
+from datetime import datetime
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import IO, Any
 
@@ -308,13 +309,13 @@ def format_event(record: Mapping[str, Any], colour: bool = False) -> str:
         parts.append(f"[{ev.component}]")
     if ev.detail:
         parts.append(f"({ev.detail})")
-    return " ".join(parts)
+    return " ".join(parts).rstrip()
 
 
 def _clock_text(t: Any) -> str:
     if not isinstance(t, (int, float)):
         return "-"
-    return time.strftime("%H:%M:%S", time.localtime(t)) + f".{int((t % 1) * 1e6):06d}"
+    return datetime.fromtimestamp(t).strftime("%H:%M:%S.%f")
 
 
 class EventFilter:

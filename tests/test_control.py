@@ -225,7 +225,8 @@ def real_status(now: float) -> dict:
     status = engine.status()
     status["processor"] = {"pid": 42, "role": "both", "uptime": 5.0, "monotonic": now, "reloads": 0,
                            "trace_level": "drops",
-                           "queues": {"0": {"direction": "out", "accepted": 1, "modified": 2, "dropped": 3, "errors": 0}}}
+                           "queues": {"0": {"direction": "out", "accepted": 1, "modified": 2, "dropped": 3,
+                                            "errors": 0}}}
     return json.loads(json.dumps(status))  # what crosses the socket
 
 

@@ -20,13 +20,11 @@ Run as ``python -m tests.test_netns_nfqueue serve NODE.toml`` it is the processo
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import struct
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 

@@ -126,7 +126,8 @@ def test_install_adds_jump_only_when_missing(tmp_path: Path) -> None:
     script = fake.calls[-1][1]
     assert fake.calls[-1][0] == ["iptables-restore", "--noflush"]
     assert '-I OUTPUT 1 -m comment --comment "mipbits created-table" -j MIPBITS-OUT' in script
-    fake.save = "*mangle\n:OUTPUT ACCEPT [0:0]\n:MIPBITS-OUT - [0:0]\n-A OUTPUT -m comment --comment mipbits -j MIPBITS-OUT\nCOMMIT\n"
+    fake.save = ("*mangle\n:OUTPUT ACCEPT [0:0]\n:MIPBITS-OUT - [0:0]\n"
+                 "-A OUTPUT -m comment --comment mipbits -j MIPBITS-OUT\nCOMMIT\n")
     Rules(cfg, fake).install()
     mangle = fake.calls[-1][1].split("*raw")[0]
     assert "-I OUTPUT" not in mangle and ":MIPBITS-OUT - [0:0]" in mangle  # chain refilled, no 2nd jump

@@ -59,7 +59,8 @@ def test_full_file(tmp_path: Path) -> None:
     assert cfg.trace.path == str(tmp_path / "trace.jsonl")
     assert (cfg.trace.level, cfg.trace.max_bytes, cfg.trace.keep) == (TraceLevel.ALL, 65536, 5)
     assert cfg.control_socket == "/run/mipbits/a.sock"
-    assert (cfg.rules.ipv4, cfg.rules.ipv6, cfg.rules.interfaces, cfg.rules.nd_bypass) == (True, False, ("eth0", "wlan+"), False)
+    rules = cfg.rules
+    assert (rules.ipv4, rules.ipv6, rules.interfaces, rules.nd_bypass) == (True, False, ("eth0", "wlan+"), False)
     assert cfg.sections == {"mobility": {"home_agent": "2001:db8::1"}}
 
 

@@ -323,7 +323,7 @@ def control_request(path: str | os.PathLike[str], cmd: str, timeout: float = 5.0
     try:
         sock.sendall((json.dumps({"cmd": cmd, **args}) + "\n").encode())
         reply = _read_line(sock)
-    except socket.timeout:
+    except TimeoutError:
         raise ControlError(f"{path}: no answer within {timeout} s") from None
     finally:
         sock.close()

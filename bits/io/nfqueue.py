@@ -20,8 +20,12 @@ wakes the loop. The loop also runs its housekeeping (signals, control socket, en
 flush) every ``HOUSEKEEPING_EVERY`` packets from inside the packet callback, because under a flood
 ``NetfilterQueue.run(block=False)`` only returns once the socket is empty.
 
+Fail closed everywhere: no ``--queue-bypass`` in the rules (no processor: the kernel drops), no
+fail-open flag on the queues (queue full: the kernel drops), an engine exception drops the packet.
+
 Limits of the ``netfilterqueue`` binding: packets are copied to user space up to 4016 octets
-(larger packets arrive truncated, and the engine drops them as malformed); verdicts are per packet.
+(larger ones arrive truncated; the engine's IP length checks drop them as malformed unless they
+pass unchanged, in which case the kernel sends its intact copy); verdicts are per packet.
 """
 
 from __future__ import annotations
@@ -203,7 +207,9 @@ class Processor:
             raise ProcessorError(f"the netfilterqueue package is missing: {exc}") from None
         for queue, direction in self.bindings:
             process = self._process_fn(direction)
-            cb, setter = make_callback(process, self.counts[queue], self.tracer, queue, self._on_error, self._housekeeping)
+            cb, setter = make_callback(
+                process, self.counts[queue], self.tracer, queue, self._on_error, self._housekeeping
+            )
             nfq = NetfilterQueue()
             try:
                 nfq.bind(queue, cb, max_len=self.maxlen)
@@ -374,7 +380,7 @@ class Processor:
             "reloads": self.reloads,
             "trace_level": str(self.tracer.level),
             "queues": {
-                str(q): {"direction": directions[q].value, **dict(zip(_COUNTER_NAMES, c))}
+                str(q): {"direction": directions[q].value, **dict(zip(_COUNTER_NAMES, c, strict=True))}
                 for q, c in self.counts.items()
             },
         }
