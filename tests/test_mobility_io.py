@@ -123,7 +123,7 @@ def test_hook_rules_text():
     assert rules["raw"] == [
         f"-A {CHAIN_IN} -m mark --mark 0x200000/0x200000 -j RETURN",
         f"-A {CHAIN_IN} -p esp -j NFQUEUE --queue-num 7",
-        f"-A {CHAIN_IN} -m dst --dst-opts 201 -j NFQUEUE --queue-num 7",
+        f"-A {CHAIN_IN} -m ipv6header --header ipv6-opts --soft -j NFQUEUE --queue-num 7",
         f"-A {CHAIN_IN} -m rt --rt-type 2 -j NFQUEUE --queue-num 7",
     ]
     assert rules["mangle"] == [f"-A {CHAIN_OUT} -m mark --mark 0x100000/0x100000 -j ACCEPT"]

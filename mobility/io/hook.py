@@ -2,7 +2,9 @@
 
 The tunnel module's ``inbound`` must see a packet before the engine does (the MN gives ESP sent to
 a CoA back its HoA; the HA swaps a Home Address option, which this kernel would otherwise discard
-with a Parameter Problem). Only ESP and packets with a Home Address option or a type 2 routing
+with a Parameter Problem). Only ESP, packets with a Destination Options header (where a Home
+Address option lives; the ``dst`` match compares options by position, padding included, so it
+cannot find option 201 wherever the sender's alignment put it) and packets with a type 2 routing
 header are queued. Verdicts:
 
 * changed packet -> new payload, ``HOOK_MARK`` or-ed into the mark, NF_REPEAT;
@@ -129,7 +131,7 @@ def chain_rules(queue: int, mark: int = HOOK_MARK, send_mark: int = SEND_MARK) -
         "raw": [
             f"-A {CHAIN_IN} -m mark --mark {mark:#x}/{mark:#x} -j RETURN",
             f"-A {CHAIN_IN} -p esp {target}",
-            f"-A {CHAIN_IN} -m dst --dst-opts 201 {target}",
+            f"-A {CHAIN_IN} -m ipv6header --header ipv6-opts --soft {target}",
             f"-A {CHAIN_IN} -m rt --rt-type 2 {target}",
         ],
         "mangle": [f"-A {CHAIN_OUT} -m mark --mark {send_mark:#x}/{send_mark:#x} -j ACCEPT"],
