@@ -274,3 +274,19 @@ def test_merge_status_of_two_workers() -> None:
     assert merged["drops"] == {"no-sa": 3, "replay": 1}
     assert set(merged["processor"]["workers"]) == {"out", "in"}
     assert "out worker:" in render_status(merged)
+
+
+def test_queries_against_a_real_engine(sockdir: str) -> None:
+    engine = build_engine(parse_setkey(SETKEY, local_addresses=[A4]), rand=os.urandom, now=0.0)
+    path = os.path.join(sockdir, "real.sock")
+    s = Served(path, make_engine_handler(lambda: engine))
+    try:
+        out = control_request(path, "query_outbound", src=A4, dst=B4, proto="udp", dport=53)
+        assert out["spi"] == 0x1003 and out["policy"]["action"] == "protect"
+        inbound = control_request(path, "query_inbound_spi", spi="0x1004")
+        assert inbound["spi"] == 0x1004
+        assert control_request(path, "query_inbound_spi", spi=0x9999) is None
+        status = control_request(path, "status")
+        assert {sa["spi"] for sa in status["sas"]} == {0x1003, 0x1004}
+    finally:
+        s.close()
