@@ -23,6 +23,11 @@ to ``sa.events``; reaching a hard limit appends one and makes the SA refuse ever
 (``Drop(SA_EXPIRED)``). The packet that reaches a hard byte/packet limit is still processed.
 When soft and hard limits are reached together only the hard event is reported.
 
+Anti-replay across restarts: an inbound SA given a store (``bits.seqstore.ReplayStore``) starts
+its window at the saved right edge with the whole window marked seen, saves the edge while it
+moves (``next_timer``/``handle_timer``, at most every ``REPLAY_SAVE_INTERVAL`` seconds, no fsync)
+and durably on ``flush()``, which the adapter calls on a clean stop. ``docs/esp.md`` section 2.
+
 Speed: the MIPv6 data path is tunnel mode, IPv6 in IPv6, with an AEAD. For that case the SA binds
 ``encapsulate``/``decapsulate`` to fast paths (``_encap_fast6``/``_decap_fast6``) that inline the
 AEAD call and hand anything unusual (other versions, ESN, reservation, out-of-order, bad input) to
@@ -32,7 +37,7 @@ the generic paths, which are the reference behaviour; tests check that the two a
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -52,7 +57,13 @@ from .errors import BitsError, ConfigError, ParseError
 from .ip import fix_ipv4_header, pull_ip, push_ipv4_header, push_ipv6_header
 from .replay import ReplayCheck, ReplayWindow
 from .sa import SaParams
-from .seqstore import SeqReserver, SeqStoreError, sa_fingerprint
+from .seqstore import (
+    ReplayStore,
+    SeqReserver,
+    SeqStoreError,
+    replay_fingerprint,
+    sa_fingerprint,
+)
 from .transforms import PAD, Rand, Transform, is_aead, make_transform
 from .verdict import Drop, DropReason
 
@@ -72,6 +83,9 @@ _AEAD_OVERHEAD = ESP_HEADER_LEN + 8 + 16  # header + IV + ICV of the AEAD transf
 # --- Implementation ------------------------------------------------------------------------------
 
 TUNNEL_HOP_LIMIT = 64  # fresh hop limit / TTL of the outer header (RFC 4301 section 5.1.2)
+#: Seconds between two saves of a moving inbound right edge (no fsync; ``flush()`` syncs). A crash
+#: (kill -9) can re-open at most the sequence numbers accepted since the last save.
+REPLAY_SAVE_INTERVAL = 1.0
 
 _SPI_SEQ = struct.Struct("!II")
 _H = struct.Struct("!H")
@@ -111,6 +125,7 @@ class SaStats:
     replay_drops: int = 0
     auth_failures: int = 0
     other_drops: int = 0
+    replay_save_errors: int = 0  # periodic saves of the inbound right edge that failed
 
 
 def peek_spi_seq(packet: bytes, esp_offset: int) -> tuple[int, int]:
@@ -168,6 +183,11 @@ class SecurityAssociation:
         "_deadline",
         "_lim_packets",
         "_lim_bytes",
+        "_rx_store",
+        "_rx_id",
+        "_rx_saved",
+        "_rx_synced",
+        "_rx_save_due",
     )
 
     def __init__(
@@ -180,8 +200,10 @@ class SecurityAssociation:
     ) -> None:
         """Build the SA. An outbound SA with a ``reserver`` continues after the persisted mark
         (``bits/seqstore.py``); without one its counter starts at 0 (RFC 4303 section 3.3.3).
-        Raises ConfigError for bad algorithms/keys/window, SeqStoreError if the mark is
-        unreadable."""
+        An inbound SA whose ``reserver`` is also a ``ReplayStore`` resumes its anti-replay
+        window at the saved right edge and keeps saving it; without one the window starts empty.
+        Raises ConfigError for bad algorithms/keys/window, SeqStoreError if the mark or right
+        edge is unreadable."""
         self.params = params
         self.spi = params.spi
         self.transform: Transform = make_transform(params, rand)
@@ -193,6 +215,7 @@ class SecurityAssociation:
         self._max_seq = MAX_SEQ64 if params.esn else MAX_SEQ32
         self._reserver = reserver
         self._init_sequence(params.direction is Direction.OUT)
+        self._init_replay_store(params, now)
         t = self.transform
         self._tunnel = params.mode is Mode.TUNNEL
         self._overhead = ESP_HEADER_LEN + t.iv_len + t.icv_len
@@ -211,6 +234,23 @@ class SecurityAssociation:
         else:
             self.seq = self._reserver.load(self.sa_id)
             self._reserved = self.seq
+
+    def _init_replay_store(self, params: SaParams, now: float) -> None:
+        """Inbound: resume the window at the saved right edge (``ReplayWindow.restore``)."""
+        store = self._reserver
+        self._rx_store = None
+        self._rx_id = ""
+        self._rx_saved = self._rx_synced = 0
+        self._rx_save_due = now  # the first movement is saved at the next timer run
+        if params.direction is Direction.OUT or not isinstance(store, ReplayStore):
+            return
+        self._rx_id = replay_fingerprint(params)
+        top = store.load_top(self._rx_id)
+        if top > self._max_seq:
+            raise SeqStoreError(f"SA spi={params.spi:#x}: saved right edge {top} out of range")
+        self.replay.restore(top)
+        self._rx_store = store
+        self._rx_saved = self._rx_synced = top
 
     def _init_outer(self, params: SaParams) -> None:
         """Precompute the constant part of the tunnel-mode outer header (RFC 4301 5.1.2)."""
@@ -527,14 +567,19 @@ class SecurityAssociation:
     # --- lifetimes (RFC 4301 section 4.4.2.1) -----------------------------------------------------
 
     def next_timer(self) -> float | None:
-        """Absolute time of the next pending seconds limit, or None."""
+        """Absolute time of the next pending seconds limit or right-edge save, or None."""
         if self.hard_expired:
-            return None
-        t = min(_INF if self.soft_fired else self._soft_deadline, self._hard_deadline)
+            t = _INF
+        else:
+            t = min(_INF if self.soft_fired else self._soft_deadline, self._hard_deadline)
+        if self._rx_store is not None and self.replay.top > self._rx_saved:
+            t = min(t, self._rx_save_due)
         return None if t == _INF else t
 
     def handle_timer(self, now: float) -> None:
-        """Fire the soft/hard seconds limits that are due at ``now``."""
+        """Save a moved inbound right edge when due; fire the soft/hard seconds limits."""
+        if self._rx_store is not None and now >= self._rx_save_due:
+            self._save_top(now)
         if self.hard_expired:
             return
         if now >= self._hard_deadline:  # checked first: a soft event for a dead SA is noise
@@ -542,6 +587,37 @@ class SecurityAssociation:
         elif not self.soft_fired and now >= self._soft_deadline:
             self._fire_soft("seconds")
         self._refresh_limits()
+
+    # --- anti-replay state across restarts (docs/esp.md section 2) --------------------------------
+
+    def _save_top(self, now: float) -> None:
+        """Periodic, non-durable save of the right edge T (survives kill -9, not a power loss).
+        A failure is counted and retried after the next interval; packets are not refused."""
+        top = self.replay.top
+        if top <= self._rx_saved:
+            return
+        self._rx_save_due = now + REPLAY_SAVE_INTERVAL
+        try:
+            self._rx_store.save_top(self._rx_id, top, durable=False)  # type: ignore[union-attr]
+        except (SeqStoreError, OSError):
+            self.stats.replay_save_errors += 1
+            return
+        self._rx_saved = top
+
+    def flush(self) -> None:
+        """Make the inbound right edge durable: call on a clean stop (and before a reload builds
+        new SAs from the same store). Afterwards a restart accepts no packet this SA accepted.
+        Cheap and idempotent (no I/O unless T moved since the last durable save); the SA keeps
+        working. A no-op for outbound SAs, whose reservations are always durable first.
+        Raises SeqStoreError if the store fails."""
+        top = self.replay.top
+        if self._rx_store is None or top <= self._rx_synced:
+            return
+        try:
+            self._rx_store.save_top(self._rx_id, top, durable=True)
+        except (SeqStoreError, OSError) as exc:
+            raise SeqStoreError(f"SA spi={self.spi:#x}: right edge not saved: {exc}") from exc
+        self._rx_saved = self._rx_synced = top
 
     def _expired_at(self, now: float) -> bool:
         self.handle_timer(now)
@@ -606,6 +682,19 @@ class SecurityAssociation:
 _REPLAY_DETAIL = {ReplayCheck.DUPLICATE: "duplicate", ReplayCheck.TOO_OLD: "too-old"}
 
 
+def flush_all(sas: Iterable[SecurityAssociation]) -> None:
+    """``flush()`` every SA -- all of them, even when one fails -- then raise one SeqStoreError
+    naming the failures. What an engine's ``close()`` calls on a clean stop."""
+    errors = []
+    for sa in sas:
+        try:
+            sa.flush()
+        except SeqStoreError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise SeqStoreError("; ".join(errors))
+
+
 def _ip_end(packet: bytes, version: int) -> int:
     """End of the IP packet by its own length field (ignores link-layer trailing bytes); -1 for
     IPv6 with Payload Length 0 (a jumbogram, unsupported); beyond len(packet) if truncated."""
@@ -647,4 +736,4 @@ def _nh_offset(packet: bytes, version: int, esp_offset: int) -> int:
     return nh_off if off == esp_offset and packet[nh_off] == _PROTO_ESP else -1
 
 
-__all__ = ["SaLifetimeEvent", "SaStats", "SecurityAssociation", "peek_spi_seq"]
+__all__ = ["SaLifetimeEvent", "SaStats", "SecurityAssociation", "flush_all", "peek_spi_seq"]

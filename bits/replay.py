@@ -11,6 +11,9 @@ The window is a bit mask in a Python int: bit ``i`` stands for sequence number `
 bit 0 is the right edge ``top`` (T in the RFC), the highest authenticated sequence number.
 Sequence numbers are full (64-bit with ESN) integers; ``infer`` rebuilds them from the 32 bits on
 the wire.
+
+Across restarts the SA persists ``top`` (``bits/esp.py``, ``bits/seqstore.py``) and a new window
+starts with ``restore(top)``: every sequence number up to the persisted edge counts as seen.
 """
 
 from __future__ import annotations
@@ -50,6 +53,16 @@ class ReplayWindow:
         self.bitmap = 0
         self._mask = (1 << size) - 1
         self._infer_w = size or _INFER_WINDOW_DISABLED
+
+    def restore(self, top: int) -> None:
+        """Start from a persisted right edge: T = ``top`` and the whole window marked seen, so
+        every sequence number <= ``top`` is rejected (too old or duplicate) and only numbers
+        above it pass. Numbers inside the window that were never received are refused too:
+        after a restart we cannot know which of them arrived."""
+        if top < 0:
+            raise ValueError("right edge must be >= 0")
+        self.top = top
+        self.bitmap = self._mask if top else 0
 
     def infer(self, seq_lo: int) -> int:
         """Full 64-bit sequence number for the low half ``seq_lo`` (RFC 4303 Appendix A2.2).

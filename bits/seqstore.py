@@ -21,20 +21,31 @@ addresses), because nonce uniqueness is a property of the key -- the same key co
 new SPI must still continue its old counter. The fingerprint is a truncated SHA-256 and reveals no
 key.
 
-This module is sans-I/O: ``SeqReserver`` is a protocol. ``MemorySeqReserver`` is for tests;
-``bits.io.seqstore.FileSeqReserver`` is the durable adapter.
+Inbound SAs use the sibling protocol ``ReplayStore`` to keep the anti-replay right edge T across
+restarts (a replayed packet must stay a replay after we restart). Unlike the outbound mark, T is
+*not* reserved ahead -- that would make us refuse the peer's next packets after a restart, for
+hours on a low-rate SA -- but saved behind: the SA saves T at most once a second while it moves
+(no fsync: a process crash keeps what the kernel has) and durably on a clean stop (``flush()``).
+On start the window resumes at the saved T with the whole window marked seen. ``docs/esp.md``
+section 2 states the residual window after a crash. Inbound records are keyed by
+``replay_fingerprint``: the keying plus SPI and ESN flag (two inbound SAs may share a key; a new
+key starts a new counter at the peer).
+
+This module is sans-I/O: ``SeqReserver`` and ``ReplayStore`` are protocols. ``MemorySeqReserver``
+is for tests; ``bits.io.seqstore.FileSeqReserver`` is the durable adapter. Both implement both.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from .errors import BitsError
 from .sa import SaParams
 
 _SA_ID_LABEL = b"mipbits seq-reservation v1\x00"
+_RX_ID_LABEL = b"mipbits replay-window v1\x00"
 _SA_ID_HEX_LEN = 32  # 128 bits
 _LEN = struct.Struct("!H")
 
@@ -54,24 +65,72 @@ class SeqReserver(Protocol):
         ...
 
 
+@runtime_checkable
+class ReplayStore(Protocol):
+    """Where an inbound SA keeps its anti-replay right edge T (RFC 4303 section 3.4.3)."""
+
+    def load_top(self, rx_id: str) -> int:
+        """The saved right edge for ``rx_id`` (0 when none). Raises SeqStoreError if unreadable."""
+        ...
+
+    def save_top(self, rx_id: str, top: int, *, durable: bool) -> None:
+        """Record T = ``top``; never lowers a saved value. ``durable=False`` must be cheap (no
+        fsync: it runs on the packet thread about once a second per moving SA) and survive a
+        process crash; ``durable=True`` must not return before the value survives a power loss.
+        Raises SeqStoreError (or OSError)."""
+        ...
+
+
 def sa_fingerprint(params: SaParams) -> str:
     """Stable id of an SA's keying for the reservation store: 32 hex digits of SHA-256 over a
     label, the algorithms and the (length-prefixed) keys. One-way: it reveals no key."""
-    h = hashlib.sha256(_SA_ID_LABEL)
+    return _keying_hash(_SA_ID_LABEL, params).hexdigest()[:_SA_ID_HEX_LEN]
+
+
+def replay_fingerprint(params: SaParams) -> str:
+    """Id of an inbound SA's saved right edge: like ``sa_fingerprint`` (another label) plus the
+    SPI and the ESN flag. Not the addresses: the outer addresses are not authenticated, so a
+    captured packet must stay a replay whatever address the SA is later configured with."""
+    h = _keying_hash(_RX_ID_LABEL, params)
+    h.update(struct.pack("!IB", params.spi, params.esn))
+    return h.hexdigest()[:_SA_ID_HEX_LEN]
+
+
+def _keying_hash(label: bytes, params: SaParams) -> hashlib._Hash:
+    h = hashlib.sha256(label)
     enc, auth = params.enc.value.encode(), params.auth.value.encode()
     for part in (enc, params.enc_key, auth, params.auth_key):
         h.update(_LEN.pack(len(part)))
         h.update(part)
-    return h.hexdigest()[:_SA_ID_HEX_LEN]
+    return h
 
 
 class MemorySeqReserver:
-    """In-memory reserver for tests. ``marks`` plays the role of the disk: it survives as long as
-    the object, so building a new SA on the same reserver simulates a restart."""
+    """In-memory store for tests. ``marks`` (outbound) and ``tops`` (inbound right edges) play the
+    role of the page cache, ``synced_tops`` that of the disk: they survive as long as the object,
+    so building a new SA on the same store simulates a restart (``power_loss()`` first: a
+    power loss)."""
 
     def __init__(self, marks: dict[str, int] | None = None) -> None:
         self.marks: dict[str, int] = dict(marks or {})
         self.calls: list[tuple[str, int]] = []
+        self.tops: dict[str, int] = {}
+        self.synced_tops: dict[str, int] = {}
+        self.top_calls: list[tuple[str, int, bool]] = []
+
+    def load_top(self, rx_id: str) -> int:
+        return self.tops.get(rx_id, 0)
+
+    def save_top(self, rx_id: str, top: int, *, durable: bool) -> None:
+        self.top_calls.append((rx_id, top, durable))
+        top = max(top, self.tops.get(rx_id, 0))
+        self.tops[rx_id] = top
+        if durable:
+            self.synced_tops[rx_id] = top
+
+    def power_loss(self) -> None:
+        """Forget the right edges that were not saved durably."""
+        self.tops = dict(self.synced_tops)
 
     def load(self, sa_id: str) -> int:
         return self.marks.get(sa_id, 0)
@@ -82,4 +141,11 @@ class MemorySeqReserver:
             self.marks[sa_id] = upto
 
 
-__all__ = ["MemorySeqReserver", "SeqReserver", "SeqStoreError", "sa_fingerprint"]
+__all__ = [
+    "MemorySeqReserver",
+    "ReplayStore",
+    "SeqReserver",
+    "SeqStoreError",
+    "replay_fingerprint",
+    "sa_fingerprint",
+]

@@ -154,3 +154,56 @@ def test_window_matches_a_set_model(size: int, seqs: list[int]) -> None:
             w.commit(s)
             seen.add(s)
             top = max(top, s)
+
+
+# restore(T) after a restart (docs/esp.md section 2). Each row: (number, window, saved T, seq to
+# check, expected). Every number <= T is refused, every number above it passes.
+RESTORE_TABLE = [
+    (1, 64, 100, 100, DUP),  # T itself
+    (2, 64, 100, 99, DUP),  # inside the window: marked seen although it may never have arrived
+    (3, 64, 100, 37, DUP),  # left edge T - W + 1
+    (4, 64, 100, 36, OLD),  # T - W
+    (5, 64, 100, 1, OLD),
+    (6, 64, 100, 101, OK),  # the peer's next packet
+    (7, 64, 100, 10**6, OK),
+    (8, 64, 10, 1, DUP),  # T < W: the whole short history is marked
+    (9, 64, 10, 11, OK),
+    (10, 64, 0, 1, OK),  # nothing saved: a fresh window
+    (11, 32, 2**32 - 1, 2**32 - 32, DUP),
+    (12, 32, 2**32 - 1, 2**32 - 33, OLD),
+    (13, 0, 100, 5, OK),  # window disabled: restore only keeps T for ESN inference
+]
+
+
+@pytest.mark.parametrize(
+    "row,size,top,seq,expected", RESTORE_TABLE, ids=[f"restore{r[0]}" for r in RESTORE_TABLE]
+)
+def test_restore_table(row: int, size: int, top: int, seq: int, expected: ReplayCheck) -> None:
+    w = ReplayWindow(size)
+    w.restore(top)
+    assert w.top == top
+    assert w.check(seq) is expected
+
+
+def test_restore_then_commit_slides_a_full_window() -> None:
+    w = ReplayWindow(32)
+    w.restore(1000)
+    w.commit(1005)  # the gap 1001..1004 stays open, everything up to 1000 stays closed
+    assert [w.check(s) for s in (1000, 1001, 1004, 1005, 1006)] == [DUP, OK, OK, DUP, OK]
+    assert w.check(1005 - 32) is OLD
+
+
+def test_restore_keeps_esn_inference_across_a_block_boundary() -> None:
+    w = ReplayWindow(64)
+    w.restore((1 << 32) | 3)  # saved just after the rollover
+    assert w.infer(4) == (1 << 32) | 4
+    assert w.infer(2**32 - 2) == 2**32 - 2  # behind T in block 0 ...
+    assert w.check(w.infer(2**32 - 2)) is DUP  # ... and refused
+    w2 = ReplayWindow(64)
+    w2.restore(2**32 - 5)  # saved before the rollover, the peer has crossed since
+    assert w2.infer(7) == (1 << 32) | 7
+
+
+def test_restore_rejects_a_negative_edge() -> None:
+    with pytest.raises(ValueError):
+        ReplayWindow(64).restore(-1)

@@ -153,10 +153,12 @@ def test_reservation_is_capped_at_the_last_sequence_number() -> None:
     assert isinstance(d, Drop) and d.reason is DropReason.SEQ_EXHAUSTED
 
 
-def test_inbound_sa_does_not_touch_the_store() -> None:
+def test_inbound_sa_does_not_touch_the_outbound_marks() -> None:
+    """Same keys: the inbound SA neither continues nor reserves the outbound counter (its own
+    record is the right edge, tests/test_esp_restart.py)."""
     r = MemorySeqReserver({sa_fingerprint(OUT): 500})
     sa = SecurityAssociation(IN, rand=os.urandom, reserver=r, now=0.0)
-    assert sa.seq == 0 and r.calls == []
+    assert sa.seq == 0 and r.calls == [] and sa.replay.top == 0
 
 
 # --- file adapter ---------------------------------------------------------------------------------

@@ -8,6 +8,16 @@ only once the new one is on disk.
 
 An unreadable or corrupt file raises ``SeqStoreError`` rather than reading as 0: starting the
 counter from 0 again is exactly the nonce reuse this store exists to prevent.
+
+It also implements ``bits.seqstore.ReplayStore`` for inbound SAs: ``<rx_id>.replay`` (0600) holds
+the anti-replay right edge T as exactly 20 decimal digits and a newline. The file is created like
+a mark (tmp, fsync, rename, fsync the directory); after that a save overwrites the 21 octets in
+place with one ``pwrite`` -- a few microseconds, so about one save a second per moving SA costs
+nothing measurable. A non-durable save (the periodic one) has no fsync: a process crash (kill -9,
+OOM kill) keeps it, because the kernel already holds the write; a power loss or kernel crash may
+lose what the kernel had not yet written back. A durable save (clean stop) adds ``fdatasync``.
+Fixed width means an in-place write never leaves a tail of an older, longer value, and a 21-octet
+write at offset 0 lies in one sector. A corrupt record raises ``SeqStoreError`` (never 0).
 """
 
 from __future__ import annotations
@@ -21,6 +31,8 @@ from ..seqstore import SeqStoreError
 _SA_ID = re.compile(r"[0-9a-f]{16,64}")
 _MARK = re.compile(rb"(0|[1-9][0-9]{0,19})\n")
 _MAX_MARK = 2**64 - 1
+_TOP = re.compile(rb"([0-9]{20})\n")
+_TOP_FMT = b"%020d\n"
 
 
 class FileSeqReserver:
@@ -29,6 +41,8 @@ class FileSeqReserver:
     def __init__(self, state_dir: str | os.PathLike[str]) -> None:
         self.state_dir = os.fspath(state_dir)
         self._marks: dict[str, int] = {}
+        self._tops: dict[str, int] = {}  # right edges as last read or written (page cache)
+        self._unsynced: set[str] = set()  # ... and those written without fdatasync
         try:
             os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
             st = os.stat(self.state_dir)
@@ -39,10 +53,10 @@ class FileSeqReserver:
         if st.st_mode & 0o077:
             raise SeqStoreError(f"sequence state dir {self.state_dir}: group/others have access")
 
-    def _path(self, sa_id: str) -> str:
+    def _path(self, sa_id: str, suffix: str = ".seq") -> str:
         if not _SA_ID.fullmatch(sa_id):
             raise SeqStoreError(f"bad SA id {sa_id!r}")
-        return os.path.join(self.state_dir, sa_id + ".seq")
+        return os.path.join(self.state_dir, sa_id + suffix)
 
     def load(self, sa_id: str) -> int:
         path = self._path(sa_id)
@@ -74,6 +88,63 @@ class FileSeqReserver:
         except OSError as exc:
             raise SeqStoreError(f"{path}: {exc.strerror}") from exc
         self._marks[sa_id] = upto
+
+    # --- inbound right edges (bits.seqstore.ReplayStore) --------------------------------------
+
+    def load_top(self, rx_id: str) -> int:
+        path = self._path(rx_id, ".replay")
+        try:
+            with open(path, "rb") as f:
+                data = f.read(64)
+        except FileNotFoundError:
+            top = 0
+        except OSError as exc:
+            raise SeqStoreError(f"{path}: {exc.strerror}") from exc
+        else:
+            m = _TOP.fullmatch(data)
+            if m is None or int(m.group(1)) > _MAX_MARK:
+                raise SeqStoreError(f"{path}: corrupt replay-window record")
+            top = int(m.group(1))
+        self._tops[rx_id] = max(top, self._tops.get(rx_id, 0))
+        return self._tops[rx_id]
+
+    def save_top(self, rx_id: str, top: int, *, durable: bool) -> None:
+        if not 0 <= top <= _MAX_MARK:
+            raise SeqStoreError(f"right edge {top} out of range")
+        known = self._tops[rx_id] if rx_id in self._tops else self.load_top(rx_id)
+        if top <= known:  # never lower; a durable save may still have to sync an earlier write
+            if not (durable and rx_id in self._unsynced):
+                return
+            top = known
+        path = self._path(rx_id, ".replay")
+        data = _TOP_FMT % top
+        try:
+            if not self._overwrite(path, data, durable):
+                self._write_durably(path, data)  # first record: created crash-safely, synced
+                durable = True
+        except OSError as exc:
+            raise SeqStoreError(f"{path}: {exc.strerror}") from exc
+        self._tops[rx_id] = top
+        if durable:
+            self._unsynced.discard(rx_id)
+        else:
+            self._unsynced.add(rx_id)
+
+    @staticmethod
+    def _overwrite(path: str, data: bytes, durable: bool) -> bool:
+        """Write ``data`` over the start of an existing record; False if there is none yet."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return False
+        try:
+            if os.pwrite(fd, data, 0) != len(data):
+                raise OSError(0, "short write")
+            if durable:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        return True
 
     def _write_durably(self, path: str, data: bytes) -> None:
         tmp = path + ".tmp"
