@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -125,12 +126,11 @@ class Reason(str, Enum):
     API_OTHER_SPI = "api-other-spi"  # the engine's signalling SPIs do not include this one
     API_UNAVAILABLE = "api-unavailable"  # the query failed: the heuristic decided instead
     LOCKED_SIGNAL_SPI = "locked-signal-spi"  # heuristic: the SPI locked as the BU/BA SPI
-    DATA_SPI = "data-spi"  # heuristic: the data stream's SPI
+    DATA_SPI = "data-spi"  # heuristic: a data SPI (it once ran faster than BUs may)
     DIFFERS_FROM_DATA = "differs-from-data"  # heuristic: BU/BA expected, SPI differs from data
-    FIRST_WHILE_EXPECTING = "first-while-expecting"  # heuristic: BU/BA expected, nothing learnt yet
-    REPEATED = "repeated"  # heuristic: BU/BA expected, SPI repeats faster than BUs may: data
-    NOT_EXPECTING = "not-expecting"  # heuristic: no BU/BA expected: data (SPI learnt)
-    UNLOCKED_RATE = "unlocked-rate"  # heuristic: the locked SPI ran faster than BUs can: data
+    FIRST_WHILE_EXPECTING = "first-while-expecting"  # heuristic: BU/BA expected, no data SPI known yet
+    NOT_EXPECTING = "not-expecting"  # heuristic: no BU/BA expected, not the locked SPI: data
+    TOO_FAST = "too-fast"  # heuristic: more packets a second than BUs may be sent: a data SPI now
     COA_CHANGED = "coa-changed"  # HA heuristic: HAO source differs from the binding's CoA
     COA_KNOWN = "coa-known"  # HA heuristic: HAO source equals the binding's CoA
     NO_BINDING = "no-binding"  # HA heuristic: HAO for a HoA without binding (first registration)
@@ -345,78 +345,59 @@ class Classifier(Protocol):
 class SpiLearner:
     """"Heuristic and locking" (draft 4.3.2) for one sender -> peer stream.
 
-    Data packets are many and share an SPI; a BU (or BA) is a single packet, sent when the
-    mobility module says one is due (``expecting``), on another SPI. So:
+    Data packets are many and share an SPI; a BU (or BA) is a single packet, sent right after the
+    mobility module says one is due (``expecting``), and never more than MAX_UPDATE_RATE times a
+    second (RFC 6275 11.8). So:
 
-    * not expecting: the packet is data and its SPI a data SPI;
-    * expecting, data SPIs known: a packet on another SPI is the BU, and its SPI is *locked* --
-      later packets on it are signalling without a guess (refreshes, retransmissions);
-    * expecting, nothing learnt yet: the packet is sent as signalling (a data packet sent as a BU
-      still arrives; a BU sent as data is lost) but nothing is locked, and an SPI that repeats
-      faster than BUs may be sent (MAX_UPDATE_RATE per second, RFC 6275 11.8) is data.
+    * an SPI that carried more than MAX_UPDATE_RATE packets within a second is a data SPI, for good
+      (until the SAD changes);
+    * while a BU/BA is expected, a packet on any other SPI is it -- and its SPI is *locked*;
+    * when none is expected, a packet on the locked SPI is still signalling (an unannounced
+      refresh); anything else is data.
 
-    A locked SPI that carries more than MAX_UPDATE_RATE packets in a second was wrongly locked:
-    it becomes a data SPI. ``confident`` reasons end the expectation; tentative ones do not.
+    The caller ends the expectation at the first signalling packet. With nothing learnt yet, a data
+    packet slipping in between the announcement and the BU is taken for the BU (it still arrives);
+    the BU then goes as data and is lost, and the retransmission, announced again, finds a data
+    SPI by then or comes first.
     """
 
-    __slots__ = ("data_spis", "signal_spi", "_window_start", "_window_count", "_recent")
+    __slots__ = ("data_spis", "signal_spi", "_recent")
 
     def __init__(self) -> None:
         self.data_spis: set[int] = set()
         self.signal_spi: int | None = None
-        self._window_start = float("-inf")
-        self._window_count = 0
-        self._recent: dict[int, float] = {}  # SPI -> last seen, while expecting with nothing learnt
+        self._recent: dict[int, deque[float]] = {}  # SPI -> last arrival times (not yet data)
 
     def classify(self, spi: int, expecting: bool, now: float) -> tuple[bool, Reason]:
         if spi in self.data_spis:
             return False, Reason.DATA_SPI
+        if self._too_fast(spi, now):
+            return False, Reason.TOO_FAST
+        if expecting:
+            self.signal_spi = spi
+            return True, Reason.DIFFERS_FROM_DATA if self.data_spis else Reason.FIRST_WHILE_EXPECTING
         if spi == self.signal_spi:
-            return self._locked(spi, now)
-        if not expecting:
-            self._learn_data(spi)
-            return False, Reason.NOT_EXPECTING
-        if self.data_spis:
-            self._lock(spi, now)
-            return True, Reason.DIFFERS_FROM_DATA
-        return self._untaught(spi, now)
+            return True, Reason.LOCKED_SIGNAL_SPI
+        return False, Reason.NOT_EXPECTING
 
-    def _untaught(self, spi: int, now: float) -> tuple[bool, Reason]:
-        last = self._recent.get(spi)
-        if last is not None and now - last < 1.0 / MAX_UPDATE_RATE:
-            others = [s for s in self._recent if s != spi]
-            self._learn_data(spi)
-            if len(others) == 1:  # the one other SPI seen meanwhile was the BU
-                self._lock(others[0], now)
-            return False, Reason.REPEATED
-        if len(self._recent) >= 8:
-            self._recent.clear()
-        self._recent[spi] = now
-        return True, Reason.FIRST_WHILE_EXPECTING
-
-    def _lock(self, spi: int, now: float) -> None:
-        self.signal_spi = spi
-        self._window_start, self._window_count = now, 1
-
-    def _learn_data(self, spi: int) -> None:
-        if len(self.data_spis) >= 8:
-            self.data_spis.clear()
-        self.data_spis.add(spi)
-        self._recent.clear()
-
-    def _locked(self, spi: int, now: float) -> tuple[bool, Reason]:
-        if now - self._window_start >= SIGNAL_RATE_WINDOW:
-            self._window_start, self._window_count = now, 0
-        self._window_count += 1
-        if self._window_count > MAX_UPDATE_RATE:
-            self.signal_spi = None
-            self._learn_data(spi)
-            return False, Reason.UNLOCKED_RATE
-        return True, Reason.LOCKED_SIGNAL_SPI
-
-
-#: Reasons sure enough to end an expected BU/BA (a tentative guess keeps waiting for the real one).
-CONFIDENT = frozenset({Reason.API_SIGNAL_SPI, Reason.LOCKED_SIGNAL_SPI, Reason.DIFFERS_FROM_DATA})
+    def _too_fast(self, spi: int, now: float) -> bool:
+        """Record the arrival; True (and ``spi`` becomes a data SPI) when it is the (MAX_UPDATE_RATE
+        + 1)-th within SIGNAL_RATE_WINDOW."""
+        times = self._recent.get(spi)
+        if times is None:
+            if len(self._recent) >= 16:  # bounded: SPIs come from our own SAD, but be safe
+                self._recent.clear()
+            times = self._recent[spi] = deque(maxlen=MAX_UPDATE_RATE + 1)
+        times.append(now)
+        if len(times) > MAX_UPDATE_RATE and now - times[0] < SIGNAL_RATE_WINDOW:
+            del self._recent[spi]
+            if len(self.data_spis) >= 16:
+                self.data_spis.clear()
+            self.data_spis.add(spi)
+            if self.signal_spi == spi:
+                self.signal_spi = None
+            return True
+        return False
 
 
 class HeuristicClassifier:
@@ -727,8 +708,7 @@ class MnTunnel(_TunnelBase):
 
     def _signal(self, packet: bytes, view: EspView, reason: Reason) -> Output:
         """BU (or MPS): from the newest CoA, with the Home Address option (RFC 6275 6.3, 11.7.1)."""
-        if reason in CONFIDENT:
-            self.expecting = False
+        self.expecting = False
         coa = self.pending if self.pending is not None else self.coa
         if coa is None:
             return self._drop(TunnelDrop.NO_COA, "out", Kind.SIGNAL, reason, view.spi, self.hoa)
@@ -919,12 +899,8 @@ class HaTunnel(_TunnelBase):
 
     def _signal(self, packet: bytes, view: EspView, hoa: bytes, reason: Reason) -> Output:
         """BA (or MPA): to the CoA the BU came from, with a type 2 routing header (RFC 6275 6.4)."""
-        if reason in CONFIDENT:
-            self.expecting.discard(hoa)
-            coa = self._ba_dst.pop(hoa, None)
-        else:
-            coa = self._ba_dst.get(hoa)
-        coa = coa or self.seen.get(hoa) or self.lookup(hoa)
+        self.expecting.discard(hoa)
+        coa = self._ba_dst.pop(hoa, None) or self.seen.get(hoa) or self.lookup(hoa)
         if coa is None:
             return self._drop(TunnelDrop.NO_BINDING, "out", Kind.SIGNAL, reason, view.spi, hoa)
         if coa == hoa:
@@ -1065,7 +1041,6 @@ def _hao_in(packet: bytes, i: int, end: int) -> int:
 __all__ = [
     "ApiClassifier",
     "BindingTable",
-    "CONFIDENT",
     "ClassifyMode",
     "EngineQueryError",
     "EspShape",

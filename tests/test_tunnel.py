@@ -360,33 +360,36 @@ def has_hao(out: list[tuple[bytes, Route]]) -> bool:
     return IPv6ExtHdrDestOpt in IPv6(only(out))
 
 
-def test_heuristic_untaught_data_before_the_bu(nodes):
-    """Nothing learnt, data first: the first data packet goes as a BU (it still arrives), its
-    SPI repeating faster than BUs may marks it as data, and then the BU is told apart and locked."""
-    mn_e, _, _ = nodes
-    mn = make_mn("heuristic", mn_e)
-    mn.expect_binding_update(COA1)
-    assert has_hao(mn.outbound(esp_of(mn_e, ping(HOA, CN, 0)), 1.0))
-    assert mn.outbound(esp_of(mn_e, ping(HOA, CN, 1)), 1.01) == []  # data, and no CoA yet
-    assert [mn.reasons[r] for r in (Reason.FIRST_WHILE_EXPECTING, Reason.REPEATED)] == [1, 1]
-    assert mn.expecting  # a tentative guess does not end the wait for the BU
-    assert has_hao(mn.outbound(esp_of(mn_e, bu_packet(1, COA1)), 1.02))
-    assert mn.reasons[Reason.DIFFERS_FROM_DATA] == 1 and not mn.expecting
-    assert mn.classifier.learners[_p(HA)].signal_spi == SPI_BU
-
-
-def test_heuristic_untaught_bu_first_is_locked_once_data_repeats(nodes):
+def test_heuristic_untaught_bu_first_is_locked(nodes):
+    """Nothing learnt yet: the packet right after the announcement is the BU, and its SPI is locked."""
     mn_e, _, _ = nodes
     mn = make_mn("heuristic", mn_e)
     mn.expect_binding_update(COA1)
     assert has_hao(mn.outbound(esp_of(mn_e, bu_packet(1, COA1)), 1.0))
-    assert has_hao(mn.outbound(esp_of(mn_e, ping(HOA, CN, 0)), 1.0))  # still unsure
-    mn.outbound(esp_of(mn_e, ping(HOA, CN, 1)), 1.01)  # repeats: data; the BU SPI is locked
+    assert mn.reasons[Reason.FIRST_WHILE_EXPECTING] == 1 and not mn.expecting
     assert mn.classifier.learners[_p(HA)].signal_spi == SPI_BU
     mn.binding_acknowledged(COA1)
     assert not has_hao(mn.outbound(esp_of(mn_e, ping(HOA, CN, 2)), 2.0))
     refresh = mn.outbound(esp_of(mn_e, bu_packet(2, COA1)), 300.0)  # not even announced
     assert has_hao(refresh) and mn.reasons[Reason.LOCKED_SIGNAL_SPI] == 1
+
+
+def test_heuristic_untaught_data_slipping_before_the_bu_heals_at_the_retransmission(nodes):
+    """The corner case of the heuristic: nothing learnt, and a data packet squeezes in between the
+    announcement and the BU. It is taken for the BU (and still arrives); the BU goes as data and is
+    lost. Data faster than BUs may be sent becomes a data SPI, and the retransmitted BU is found."""
+    mn_e, _, _ = nodes
+    mn = make_mn("heuristic", mn_e)
+    mn.expect_binding_update(COA1)
+    assert has_hao(mn.outbound(esp_of(mn_e, ping(HOA, CN, 0)), 1.0))  # the wrong guess
+    assert mn.outbound(esp_of(mn_e, bu_packet(1, COA1)), 1.0) == []  # taken for data: no CoA yet
+    assert mn.drops[TunnelDrop.NO_COA] == 1
+    for i in range(1, 4):
+        mn.outbound(esp_of(mn_e, ping(HOA, CN, i)), 1.0 + i / 100)
+    assert mn.reasons[Reason.TOO_FAST] == 1
+    mn.expect_binding_update(COA1)  # retransmission after INITIAL_BINDACK_TIMEOUT
+    assert has_hao(mn.outbound(esp_of(mn_e, bu_packet(2, COA1)), 2.5))
+    assert mn.reasons[Reason.DIFFERS_FROM_DATA] == 1
 
 
 def test_heuristic_retransmitted_bus_stay_bus(nodes):
@@ -398,14 +401,23 @@ def test_heuristic_retransmitted_bus_stay_bus(nodes):
 
 
 def test_heuristic_wrong_lock_is_undone_by_the_rate_limit():
-    """A second data SA showing up while a BU is expected is locked as signalling; more packets
-    per second than RFC 6275 11.8 allows BUs unlock it."""
+    """A second data SA showing up while a BU is expected is taken for the BU and locked; more
+    packets a second than RFC 6275 11.8 allows BUs make it a data SPI."""
     learner = SpiLearner()
-    assert learner.classify(7, False, 0.0) == (False, Reason.NOT_EXPECTING)
-    got = [learner.classify(9, True, 5.0 + i / 100)[0] for i in range(5)]
-    assert got == [True, True, True, False, False]
+    assert [learner.classify(7, False, i / 100)[1] for i in range(5)] == [Reason.NOT_EXPECTING] * 3 + [
+        Reason.TOO_FAST, Reason.DATA_SPI]
+    assert learner.classify(9, True, 5.0) == (True, Reason.DIFFERS_FROM_DATA)
+    got = [learner.classify(9, False, 5.0 + i / 100) for i in range(1, 5)]
+    assert got == [(True, Reason.LOCKED_SIGNAL_SPI)] * 2 + [(False, Reason.TOO_FAST), (False, Reason.DATA_SPI)]
     assert learner.signal_spi is None and learner.data_spis == {7, 9}
     assert learner.classify(1, True, 6.0) == (True, Reason.DIFFERS_FROM_DATA)
+
+
+def test_heuristic_bus_in_a_burst_stay_bus():
+    """RFC 6275 11.8 allows MAX_UPDATE_RATE (3) BUs within a second (fast movement)."""
+    learner = SpiLearner()
+    assert [learner.classify(5, True, 1.0 + i / 10)[0] for i in range(3)] == [True, True, True]
+    assert 5 not in learner.data_spis
 
 
 def test_api_asks_once_not_per_packet_and_again_after_sad_change(nodes):
@@ -456,8 +468,10 @@ def test_heuristic_never_queries(nodes):
     mn_e, _, _ = nodes
     mn = MnTunnel(HOA, HA, HeuristicClassifier())
     register(mn, COA1)
+    for i in range(5):
+        mn.outbound(esp_of(mn_e, ping(HOA, CN, i)), 1.0)
     mn.expect_binding_update(COA2)
-    mn.outbound(esp_of(mn_e, ping(HOA, CN)), 1.0)
+    assert IPv6(only(mn.outbound(esp_of(mn_e, ping(HOA, CN, 9)), 1.0))).src == COA1
     assert IPv6(only(mn.outbound(esp_of(mn_e, bu_packet(1, COA2)), 1.0))).src == COA2
 
 

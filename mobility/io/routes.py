@@ -130,6 +130,7 @@ class HaRoutes(NetConfig):
         self.tun = tun
         self.home_if = home_if
         self.announce = announce  # (iface, hoa) -> send an unsolicited NA; None: skip
+        self.announce_errors = 0
 
     def setup(self) -> None:
         self.sysctl("setup", "net.ipv6.conf.all.forwarding", "1")
@@ -146,7 +147,11 @@ class HaRoutes(NetConfig):
         self.change(group, ["ip", "-6", "neigh", "replace", "proxy", str(hoa), "dev", self.home_if],
                     ["ip", "-6", "neigh", "del", "proxy", str(hoa), "dev", self.home_if])
         if self.announce is not None:
-            self.announce(self.home_if, str(hoa))
+            try:
+                self.announce(self.home_if, str(hoa))
+            except OSError as exc:  # best effort (RFC 6275 10.4.1 SHOULD): proxy ND still answers
+                LOG.warning("unsolicited NA for %s on %s failed: %s", hoa, self.home_if, exc)
+                self.announce_errors += 1
 
     def unbind(self, hoa: str | ipaddress.IPv6Address) -> None:
         self.revert(f"hoa {hoa}")
