@@ -5,7 +5,8 @@
     +--------------------+        +------------------------------+        +------------------------------+
     | mbt-cn             |  home  | mbt-ha (forwarding)          | visited| mbt-mn                       |
     | eth0 2001:db8:1::50| ------ | eth0 2001:db8:1::1/64        | ------ | eth0 2001:db8:f::100 (CoA)   |
-    | default via ::1    |  link  | eth1 2001:db8:f::1/64        |  link  | default via 2001:db8:f::1    |
+    | dflt 2001:db8:1::1 |  link  | eth1 2001:db8:f::1/64        |  link  | default via 2001:db8:f::1    |
+    |                    |        |      2001:db8:e::1/64        |        | then 2001:db8:e::100 (CoA 2) |
     +--------------------+        | engine (NFQUEUE 0/1)         |        | engine (NFQUEUE 0/1)         |
                                   | hook (NFQUEUE 7), mip6tnl,   |        | hook (NFQUEUE 7), mip6tnl,   |
                                   | BindingCache, MH socket      |        | HoA 2001:db8:1::100 on it    |
@@ -23,7 +24,9 @@ small helper). One run per classification mode:
 2. the correspondent pings the HoA: proxy ND on the home link, the HA re-sends the forwarded packet
    to its engine (tunnel SA), ``HaTunnel`` sends it to the CoA, the MN answers through its engine
    and ``MnTunnel``;
-3. neither engine's SAD changed (apart from counters).
+3. the MN moves to a second CoA (a second prefix on the link) and registers again: the HA's data
+   now leaves for the new CoA (Req #1) and the ping still works;
+4. neither engine's SAD changed (apart from counters).
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ pytestmark = pytest.mark.netns
 
 PREFIX = "mbt-"
 CN_NS, HA_NS, MN_NS = f"{PREFIX}cn", f"{PREFIX}ha", f"{PREFIX}mn"
-HOA, HA, COA, CN, HA_VISITED = "2001:db8:1::100", "2001:db8:1::1", "2001:db8:f::100", "2001:db8:1::50", "2001:db8:f::1"
+HOA, HA, CN = "2001:db8:1::100", "2001:db8:1::1", "2001:db8:1::50"
+COA, COA2, HA_VISITED, HA_VISITED2 = "2001:db8:f::100", "2001:db8:e::100", "2001:db8:f::1", "2001:db8:e::1"
 REPO = Path(__file__).resolve().parents[1]
 
 if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("ip6tables") is None:
@@ -180,9 +184,12 @@ try:
                 say(event="ba", src=str(got.src), dst=str(got.dst), seq=got.message.seq, status=int(got.message.status))
         if sys.stdin.fileno() in ready:
             line = sys.stdin.readline().strip()
-            if line == "register":
+            if line.startswith("register "):
+                _, coa, seq = line.split()
+                COA = coa
                 tunnel.expect_binding_update(COA)
-                mh.send(BindingUpdate(1, BuFlag.A | BuFlag.H, 15, (AlternateCareOfAddress(ipaddress.IPv6Address(COA)),)), HA)
+                bu = BindingUpdate(int(seq), BuFlag.A | BuFlag.H, 15, (AlternateCareOfAddress(ipaddress.IPv6Address(COA)),))
+                mh.send(bu, HA)
             elif not line:
                 fds.remove(sys.stdin.fileno())
         traces += [t.to_dict() for t in tunnel.drain_events()]
@@ -230,7 +237,8 @@ def topology() -> Iterator[None]:
         _veth(CN_NS, "eth0", HA_NS, "eth0")
         _veth(HA_NS, "eth1", MN_NS, "eth0")
         for name, dev, cidr in ((CN_NS, "eth0", f"{CN}/64"), (HA_NS, "eth0", f"{HA}/64"),
-                                (HA_NS, "eth1", f"{HA_VISITED}/64"), (MN_NS, "eth0", f"{COA}/64")):
+                                (HA_NS, "eth1", f"{HA_VISITED}/64"), (HA_NS, "eth1", f"{HA_VISITED2}/64"),
+                                (MN_NS, "eth0", f"{COA}/64")):
             ns(name, "ip", "addr", "add", cidr, "dev", dev, "nodad")
             ns(name, "ip", "link", "set", dev, "up")
         ns(CN_NS, "ip", "-6", "route", "add", "default", "via", HA)
@@ -351,31 +359,36 @@ def test_registration_and_payload_through_both_engines(topology, tmp_path, mode)
         procs.append(mn)
         mn.wait_for("ready", 20)
 
-        mn.send("register")
-        bu = ha.wait_for("bu")
-        assert (bu["src"], bu["coa"], bu["seen"], bu["status"]) == (HOA, COA, COA, 0)
-        ba = mn.wait_for("ba")
-        assert (ba["src"], ba["dst"], ba["status"]) == (HA, HOA, 0)
-
-        ping = ns(CN_NS, sys.executable, str(REPO / "tests" / "nstool.py"), "ping", HOA, "--count", "5",
-                  "--timeout", "2", check=False)
-        assert ping.returncode == 0, ping.stderr
-        assert (engine_sas(ha_sock), engine_sas(mn_sock)) == sas_before
+        for seq, coa in enumerate((COA, COA2), 1):  # register, then move to a second CoA
+            if coa == COA2:
+                ns(MN_NS, "ip", "addr", "add", f"{COA2}/64", "dev", "eth0", "nodad")
+            mn.send(f"register {coa} {seq}")
+            bu = ha.wait_for("bu")
+            assert (bu["src"], bu["coa"], bu["seen"], bu["status"]) == (HOA, coa, coa, 0)
+            ba = mn.wait_for("ba")
+            assert (ba["src"], ba["dst"], ba["status"]) == (HA, HOA, 0)
+            ping = ns(CN_NS, sys.executable, str(REPO / "tests" / "nstool.py"), "ping", HOA, "--count", "5",
+                      "--timeout", "2", check=False)
+            assert ping.returncode == 0, ping.stderr
+        assert (engine_sas(ha_sock), engine_sas(mn_sock)) == sas_before  # SAs never touched by movement
     finally:
         errors = [p.stop() for p in reversed(procs)]
     ha_stats = next(e for e in ha.events if e["event"] == "stats")
     mn_stats = next(e for e in mn.events if e["event"] == "stats")
     assert not [e for p in procs for e in p.events if e.get("event") == "cleanup-error"], errors
 
-    # the MN: one BU with the HAO from the CoA, the echo replies as data from the CoA
-    assert mn_stats["tunnel"]["counts"]["out_signal"] == 1 and mn_stats["tunnel"]["counts"]["out_data"] >= 1
-    assert mn_stats["tunnel"]["counts"]["in_rh2_removed"] == 1 and mn_stats["hook"]["rewritten"] >= 2
+    # the MN: one BU per CoA with the HAO, from that CoA; the echo replies as data from the CoA
+    mn_counts = mn_stats["tunnel"]["counts"]
+    assert mn_counts["out_signal"] == 2 and mn_counts["out_data"] >= 2 and mn_counts["in_rh2_removed"] == 2
     signal_traces = [t for t in mn_stats["traces"] if t["kind"] == "signal" and t["direction"] == "out"]
-    assert signal_traces and signal_traces[0]["coa"] == COA and signal_traces[0]["spi"] == "0x00001001"
-    assert signal_traces[0]["mode"] == mode
-    # the HA: the HAO swapped once, the BA with RH2, the forwarded pings re-sent to the engine, then to the CoA
+    assert [(t["coa"], t["spi"], t["mode"]) for t in signal_traces] == [(COA, "0x00001001", mode),
+                                                                       (COA2, "0x00001001", mode)]
+    data_sources = [t["coa"] for t in mn_stats["traces"] if t["kind"] == "data" and t["direction"] == "out"]
+    assert data_sources[0] == COA and data_sources[-1] == COA2
+    # the HA: each HAO swapped, each BA with RH2, forwarded pings re-sent to the engine, then to the CoA
     counts = ha_stats["tunnel"]["counts"]
-    assert counts["in_hao"] == 1 and counts["out_signal"] == 1
-    assert counts["out_reinjected"] >= 1 and counts["out_data"] >= 1
-    assert all(t["coa"] == COA for t in ha_stats["traces"] if t["direction"] == "out" and t["coa"])
+    assert counts["in_hao"] == 2 and counts["out_signal"] == 2
+    assert counts["out_reinjected"] >= 2 and counts["out_data"] >= 2
+    outer = [t["coa"] for t in ha_stats["traces"] if t["direction"] == "out" and t["kind"] == "data"]
+    assert outer[0] == COA and outer[-1] == COA2  # Req #1: after the new binding, the new CoA
     assert not mn_stats["send_errors"] and not ha_stats["send_errors"]
