@@ -41,7 +41,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from bits.constants import AuthAlg, EncAlg, IpProto
 from bits.ip import PacketSelectors
@@ -192,8 +192,7 @@ def _addr16(addr: ipaddress.IPv6Address | bytes | str) -> bytes:
 # --- packet views and builders --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class EspView:
+class EspView(NamedTuple):
     """Where the ESP header of an IPv6 packet is (``esp_at``) and which byte names it (``nh_at``).
 
     A Home Address option goes just before ESP (after any routing header, RFC 6275 6.3), and so
