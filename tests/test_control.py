@@ -191,9 +191,10 @@ def test_refuses_a_regular_file(sockdir: str) -> None:
         ControlServer(path, make_engine_handler(FakeEngine))
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged uid")
+@pytest.mark.netns  # needs root (to switch to an unprivileged uid); runs with the namespace tests
 def test_non_root_client_is_refused(served) -> None:
     path, _ = served
+    assert os.geteuid() == 0, "run as root"
     pid = os.fork()
     if pid == 0:  # child: become nobody, try to talk
         code = 3
