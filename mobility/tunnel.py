@@ -185,7 +185,7 @@ def _text(addr: bytes | None) -> str | None:
 def _addr16(addr: ipaddress.IPv6Address | bytes | str) -> bytes:
     try:
         return ipaddress.IPv6Address(addr).packed
-    except ValueError as exc:
+    except ValueError:
         raise MobilityError(f"not an IPv6 address: {addr!r}") from None
 
 
@@ -360,7 +360,7 @@ class SpiLearner:
     SPI by then or comes first.
     """
 
-    __slots__ = ("data_spis", "signal_spi", "_recent")
+    __slots__ = ("_recent", "data_spis", "signal_spi")
 
     def __init__(self) -> None:
         self.data_spis: set[int] = set()
@@ -1038,17 +1038,17 @@ def _hao_in(packet: bytes, i: int, end: int) -> int:
 
 
 __all__ = [
+    "HA_SIGNALS",
+    "MN_SIGNALS",
     "ApiClassifier",
     "BindingTable",
     "ClassifyMode",
     "EngineQueryError",
     "EspShape",
     "EspView",
-    "HA_SIGNALS",
     "HaTunnel",
     "HeuristicClassifier",
     "Kind",
-    "MN_SIGNALS",
     "MnState",
     "MnTunnel",
     "MtuPlan",
@@ -1058,12 +1058,12 @@ __all__ = [
     "TunnelDrop",
     "TunnelTrace",
     "answer_is_binding_update",
-    "transport_spi",
     "build_packet_too_big",
     "esp_shape",
     "esp_tunnel_size",
     "insert_header",
     "make_classifier",
     "pull_esp_view",
+    "transport_spi",
     "tunnel_mtus",
 ]

@@ -229,11 +229,12 @@ class FakeDevice:
         self.written.append(packet)
 
 
-class RouteByFirstByte:
-    routes = {b"w": Route.WIRE, b"l": Route.LOCAL, b"t": Route.TUN}
+ROUTES_BY_FIRST_BYTE = {b"w": Route.WIRE, b"l": Route.LOCAL, b"t": Route.TUN}
 
+
+class RouteByFirstByte:
     def outbound(self, packet: bytes, now: float) -> list[tuple[bytes, Route]]:
-        return [] if packet == b"x" else [(packet, self.routes[packet[:1]])]
+        return [] if packet == b"x" else [(packet, ROUTES_BY_FIRST_BYTE[packet[:1]])]
 
 
 def test_pump_dispatches_by_route_and_batches():

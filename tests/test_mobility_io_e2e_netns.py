@@ -216,7 +216,7 @@ def ns(name: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess
 def _delete_namespaces() -> None:
     for name in (CN_NS, HA_NS, MN_NS):
         if os.path.exists(f"/run/netns/{name}"):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
 
 
 def _veth(ns_a: str, dev_a: str, ns_b: str, dev_b: str) -> None:

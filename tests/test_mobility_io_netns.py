@@ -147,7 +147,7 @@ def ns(name: str, *argv: str, check: bool = True, stdin: str | None = None) -> s
 def _delete_namespaces() -> None:
     for name in (MN_NS, HA_NS):
         if os.path.exists(f"/run/netns/{name}"):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -253,17 +253,18 @@ def fake_esp(spi: int, seq: int) -> bytes:
 def test_tun_mark_and_policy_routing_carry_mn_esp_out_from_the_coa(topology, helper_script):
     from scapy.layers.inet6 import IPv6
 
-    ha_listener = subprocess.Popen(
-        ["ip", "netns", "exec", HA_NS, sys.executable, "-c",
-         "import socket,sys; s=socket.socket(socket.AF_INET6,socket.SOCK_RAW,50); s.settimeout(5);"
-         "d,a=s.recvfrom(65535); print(a[0], d.hex(), flush=True)"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    listen = (
+        "import socket; s=socket.socket(socket.AF_INET6,socket.SOCK_RAW,50); s.settimeout(5);"
+        "print('ready', flush=True); d,a=s.recvfrom(65535); print(a[0], d.hex(), flush=True)"
+    )
+    ha_listener = subprocess.Popen(["ip", "netns", "exec", HA_NS, sys.executable, "-c", listen],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     mn = Helper(MN_NS, "mn", helper_script)
     try:
-        time.sleep(0.3)  # the listener binds
+        assert ha_listener.stdout.readline().strip() == "ready"
         esp = fake_esp(0x1007, 1)
         send_raw(MN_NS, bytes(IPv6(src=HOA, dst=HA, nh=50) / esp))  # unmarked: routed into the TUN
-        out, err = ha_listener.communicate(timeout=10)
+        out, _ = ha_listener.communicate(timeout=10)
         src, data = out.split()
         assert src == COA and bytes.fromhex(data) == esp
     finally:

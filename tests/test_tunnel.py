@@ -647,8 +647,8 @@ def test_status_is_plain_data(nodes):
 
 # --- bad input never raises ------------------------------------------------------------------------------------------------
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def _mangled() -> st.SearchStrategy[bytes]:

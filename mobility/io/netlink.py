@@ -21,7 +21,6 @@ import socket
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Union
 
 from ..errors import ParseError
 
@@ -83,7 +82,7 @@ class AddressEvent:
     removed: bool = False
 
 
-NetEvent = Union[LinkEvent, AddressEvent]
+NetEvent = LinkEvent | AddressEvent
 
 
 def _align(n: int) -> int:
@@ -326,8 +325,8 @@ def _done(data: bytes, seq: int) -> bool:
 
 
 __all__ = [
-    "AddressEvent",
     "DETACHED",
+    "AddressEvent",
     "LinkEvent",
     "Location",
     "NetState",

@@ -64,7 +64,7 @@ def command_runner(netns: str | None = None, timeout: float = 10.0) -> Runner:
     def run(argv: Sequence[str], stdin: str | None = None) -> str:
         cmd = [*prefix, *argv]
         try:
-            done = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout)
+            done = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise RoutesError(f"{' '.join(cmd)}: {exc}") from None
         if done.returncode != 0:
@@ -244,12 +244,12 @@ def send_unsolicited_na(iface: str, target: str) -> None:
 __all__ = [
     "DEFAULT_TABLE",
     "HOOK_MARK",
+    "SEND_MARK",
     "HaRoutes",
     "MnRoutes",
     "NetConfig",
     "RoutesError",
     "Runner",
-    "SEND_MARK",
     "command_runner",
     "push_unsolicited_na",
     "send_unsolicited_na",

@@ -16,7 +16,7 @@ import fcntl
 import os
 import struct
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, Self
 
 from ..tunnel import Route
 from .routes import Runner, command_runner
@@ -66,7 +66,7 @@ class TunDevice:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> TunDevice:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
