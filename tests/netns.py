@@ -1,6 +1,6 @@
 """Network namespace topologies for tests and benchmarks (root only).
 
-``two_hosts(prefix)``::
+``two_hosts(prefix)`` (namespace names are ``{prefix}{pid}-a`` etc.; shown as ``{prefix}a``)::
 
     +------------------+          veth           +------------------+
     | netns {prefix}a  | eth0 ------------- eth0 | netns {prefix}b  |
@@ -23,7 +23,9 @@ Every namespace gets ``lo`` up and IPv6 DAD disabled (``accept_dad=0`` plus ``no
 address), so addresses are usable at once. ``Topology`` remembers what it made: ``close()`` stops
 every process it started (by PID: SIGTERM, then SIGKILL) and deletes its namespaces; it runs from
 ``try/finally`` in the builders, from the pytest fixtures' finalizers and at interpreter exit, and
-it is idempotent. Only namespaces named with the given prefix are ever touched.
+it is idempotent. Only namespaces named with the given prefix are ever touched; the names carry
+the creating PID, so concurrent runs do not collide and a crashed run's namespaces are reaped by
+the next one.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import atexit
 import contextlib
 import ipaddress
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -65,6 +68,10 @@ class Topology:
         if not prefix or "/" in prefix:
             raise ValueError(f"bad namespace prefix {prefix!r}")
         self.prefix = prefix
+        # Names carry our PID, so two runs at once (a developer and CI, two sessions) never share
+        # or delete each other's namespaces; those of dead runs are reaped here.
+        self.tag = f"{os.getpid()}-"
+        reap_stale_namespaces(prefix)
         self.namespaces: list[str] = []
         self.procs: list[subprocess.Popen] = []
         self.hosts: dict[str, Host] = {}
@@ -74,9 +81,7 @@ class Topology:
     # -- building --------------------------------------------------------------------------------
 
     def add_namespace(self, short: str, forwarding: bool = False) -> str:
-        name = f"{self.prefix}{short}"
-        if os.path.exists(f"/run/netns/{name}"):  # a leftover of ours from a crashed run
-            subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+        name = f"{self.prefix}{self.tag}{short}"
         _ip("netns", "add", name)
         self.namespaces.append(name)
         self.run(name, "ip", "link", "set", "lo", "up")
@@ -177,6 +182,22 @@ class Topology:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def reap_stale_namespaces(prefix: str) -> list[str]:
+    """Delete namespaces ``{prefix}{pid}-*`` whose creating process is gone (crashed runs)."""
+    reaped = []
+    try:
+        names = os.listdir("/run/netns")
+    except OSError:
+        return reaped
+    for name in names:
+        m = re.match(rf"{re.escape(prefix)}(\d+)-", name)
+        if m and not os.path.exists(f"/proc/{m.group(1)}"):
+            Topology._kill_leftovers(name)
+            subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+            reaped.append(name)
+    return reaped
 
 
 def _ip(*argv: str) -> None:
