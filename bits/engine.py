@@ -161,6 +161,27 @@ class Engine:
 
     # --- management -------------------------------------------------------------------------------------
 
+    def reconfigure(
+        self, config: IpsecConfig, *, rand: Rand, now: float, reserver: SeqReserver | None = None
+    ) -> None:
+        """Replace SAs and policies (SIGHUP). An SA whose parameters did not change keeps its
+        object, and so its sequence counter, replay window, lifetimes and statistics."""
+        old = {sa.params: sa for sa in self.policy.sad}
+
+        def make_sa(params: SaParams) -> SecurityAssociation:
+            kept = old.get(params)
+            return kept if kept is not None else SecurityAssociation(params, rand=rand, reserver=reserver, now=now)
+
+        self.close()  # removed or re-keyed SAs leave their replay marks behind
+        self.policy = config.policy_db(make_sa)
+
+    def close(self) -> None:
+        """Persist what must survive a restart (inbound replay right edges, see bits/esp.py)."""
+        for sa in self.policy.sad:
+            flush = getattr(sa, "flush", None)
+            if flush is not None:
+                flush()
+
     def status(self) -> dict[str, Any]:
         """Counters per SA, per SPD entry and per drop reason, JSON-able and without keys."""
         sas = [_sa_status(sa) for sa in self.policy.sad]

@@ -159,3 +159,18 @@ spdadd {C6} {A6} udp -P in ipsec esp/transport//use;
     assert eng.process_outbound(out, 1.0) is out
     back = bytes(IPv6(src=C6, dst=A6) / UDP(sport=2, dport=1))
     assert eng.process_inbound(back, 1.0) is back
+
+
+def test_reconfigure_keeps_state_of_unchanged_sas(pair):
+    a, b = pair
+    pkt = bytes(IPv6(src=A6, dst=B6) / UDP(sport=1, dport=2) / b"x")
+    for _ in range(3):
+        b.process_inbound(a.process_outbound(pkt, 1.0), 1.0)
+    kept = a.policy.sad.get_outbound(0x1001)
+    changed = SAS.replace(K3, "0x" + "77" * 16 + "c1c2c3c4")  # SA 0x1003 gets a new key
+    a.reconfigure(parse_setkey(changed + _policies(A6, B6, A4, B4), local_addresses=[A6, A4]),
+                  rand=os.urandom, now=2.0)
+    assert a.policy.sad.get_outbound(0x1001) is kept and kept.seq == 3
+    assert a.policy.sad.get_outbound(0x1003).seq == 0
+    wire = a.process_outbound(pkt, 2.0)
+    assert b.process_inbound(wire, 2.0) == pkt  # seq 4 continues; the peer's window accepts it
