@@ -91,9 +91,10 @@ _SPI_SEQ = struct.Struct("!II")
 _H = struct.Struct("!H")
 _V4_HEAD = struct.Struct("!BBHHHBBH")  # version/IHL .. checksum; addresses follow
 _V6_WORD = struct.Struct("!I")
-# fast path: outer IPv6 header (first word copied from the inner one) + SPI, Seq, IV = Seq; the
-# bound pack functions save two attribute lookups per packet
-_pack_fast6_head = struct.Struct("!4sH34sIIQ").pack
+# fast path: outer IPv6 header (first word copied from the inner one: "4s" packs the first four
+# octets of the whole inner packet, saving a slice) + the constant rest of the header and the SPI
+# + Seq, IV = Seq; the bound pack functions save two attribute lookups per packet
+_pack_fast6_head = struct.Struct("!4sH38sIQ").pack
 _pack_nonce = struct.Struct("!4sQ").pack
 _unpack_h = _H.unpack_from
 _unpack_spi_seq = _SPI_SEQ.unpack_from
@@ -101,6 +102,12 @@ _unpack_spi_seq = _SPI_SEQ.unpack_from
 #: in the 16-bit Payload Length.
 _FAST6_MAX_INNER = _MAX_IP_LEN - _AEAD_OVERHEAD - ESP_TRAILER_LEN - 3
 _INF = float("inf")
+_UNLIMITED = 1 << 80  # "no limit" for the packet/byte limits: int-int compares stay fast
+#: Fast path: inner IPv6 packet length -> (outer Payload Length, padding || Pad Length || Next
+#: Header 41) for the AEAD transforms (4-octet alignment, 32 octets of overhead). Filled on first
+#: use of a length; at most one small entry per possible length.
+_FAST6_SIZES: dict[int, tuple[int, bytes]] = {}
+_fast6_size = _FAST6_SIZES.get
 
 LifetimeKind = Literal["soft", "hard"]
 LifetimeLimit = Literal["bytes", "packets", "seconds"]
@@ -118,7 +125,8 @@ class SaLifetimeEvent:
 @dataclass(slots=True)
 class SaStats:
     """Per-SA counters. ``packets``/``bytes`` are what the lifetimes count: packets protected
-    (outbound) or authenticated (inbound, dummies included) and their cleartext payload octets."""
+    (outbound) or authenticated (inbound, dummies included) and their cleartext payload octets.
+    ``sa.stats`` returns this object with the outbound counters brought up to date."""
 
     packets: int = 0
     bytes: int = 0
@@ -157,7 +165,7 @@ class SecurityAssociation:
         "transform",
         "seq",
         "replay",
-        "stats",
+        "_stats",
         "events",
         "added_at",
         "soft_fired",
@@ -174,7 +182,10 @@ class SecurityAssociation:
         "_outer_v6",
         "_outer_tail",
         "_outer_sum",
-        "_trailers6",
+        "_head6",
+        "_seq0",
+        "_fast_seq_max",
+        "_tx_bytes",
         "_salt",
         "_aead_encrypt",
         "_aead_decrypt",
@@ -209,7 +220,8 @@ class SecurityAssociation:
         self.transform: Transform = make_transform(params, rand)
         self.sa_id = sa_fingerprint(params)
         self.replay = ReplayWindow(params.replay_window)
-        self.stats = SaStats()
+        self._stats = SaStats()
+        self._tx_bytes = 0
         self.events: list[SaLifetimeEvent] = []
         self._esn = params.esn
         self._max_seq = MAX_SEQ64 if params.esn else MAX_SEQ32
@@ -234,6 +246,7 @@ class SecurityAssociation:
         else:
             self.seq = self._reserver.load(self.sa_id)
             self._reserved = self.seq
+        self._seq0 = self.seq  # outbound: packets protected = seq - _seq0
 
     def _init_replay_store(self, params: SaParams, now: float) -> None:
         """Inbound: resume the window at the saved right edge (``ReplayWindow.restore``)."""
@@ -281,7 +294,7 @@ class SecurityAssociation:
         t = self.transform
         fast = self._tunnel and self._outer_v6 and not self._esn and is_aead(t)
         if fast:
-            self._trailers6 = tuple(t.trailers[(pad << 8) | _NH_IPV6] for pad in range(4))
+            self._head6 = self._outer_tail + _V6_WORD.pack(self.spi)
             self._salt = t.salt  # type: ignore[attr-defined]
             self._aead_encrypt = t.aead.encrypt  # type: ignore[attr-defined]
             self._aead_decrypt = t.aead.decrypt  # type: ignore[attr-defined]
@@ -296,29 +309,35 @@ class SecurityAssociation:
     def _encap_fast6(self, packet: bytes, now: float) -> bytes | Drop:
         """Tunnel mode, IPv6 in IPv6, AEAD, 32-bit sequence numbers: ``_encap_tunnel`` with the
         transform inlined. The outer header copies the inner first word (version, traffic class,
-        flow label); the IV is the sequence number, the AAD is SPI || Seq (RFC 4106 section 5)."""
+        flow label); the IV is the sequence number, the AAD is SPI || Seq (RFC 4106 section 5).
+
+        One compare against ``_fast_seq_max`` covers the reservation mark, the end of the
+        sequence space and the packet lifetime limits; the packet count is ``seq - _seq0``."""
         n = len(packet)
+        sizes = _fast6_size(n)
+        if sizes is None:
+            return self._encap_fast6_new_size(packet, now)
         seq = self.seq + 1
-        if (
-            now >= self._deadline
-            or seq > self._reserved
-            or not _IPV6_HDR <= n <= _FAST6_MAX_INNER
-            or packet[0] >> 4 != 6
-        ):
+        if now >= self._deadline or seq > self._fast_seq_max or packet[0] >> 4 != 6:
             return self._encap_tunnel(packet, now)
         self.seq = seq
-        pad = -(n + 2) & 3
-        head = _pack_fast6_head(
-            packet[:4], n + 2 + pad + _AEAD_OVERHEAD, self._outer_tail, self.spi, seq, seq
-        )
-        plaintext = packet + self._trailers6[pad]
-        out = head + self._aead_encrypt(_pack_nonce(self._salt, seq), plaintext, head[40:48])
-        st = self.stats
-        st.packets += 1
-        st.bytes += n
-        if st.packets >= self._lim_packets or st.bytes >= self._lim_bytes:
+        plen, trailer = sizes
+        head = _pack_fast6_head(packet, plen, self._head6, seq, seq)
+        out = head + self._aead_encrypt(_pack_nonce(self._salt, seq), packet + trailer, head[40:48])
+        total = self._tx_bytes = self._tx_bytes + n
+        if total >= self._lim_bytes:
             self._usage_limit_reached()
         return out
+
+    def _encap_fast6_new_size(self, packet: bytes, now: float) -> bytes | Drop:
+        """First packet of a length: add it to ``_FAST6_SIZES`` if the fast path can take it."""
+        n = len(packet)
+        if not _IPV6_HDR <= n <= _FAST6_MAX_INNER:
+            return self._encap_tunnel(packet, now)
+        pad = -(n + 2) & 3
+        trailer = self.transform.trailers[(pad << 8) | _NH_IPV6]
+        _FAST6_SIZES[n] = (n + 2 + pad + _AEAD_OVERHEAD, trailer)
+        return self._encap_fast6(packet, now)
 
     def _encap_tunnel(self, packet: bytes, now: float) -> bytes | Drop:
         """Tunnel mode (RFC 4303 section 3.1.2): outer header from the SA, ESP, inner packet."""
@@ -353,7 +372,7 @@ class SecurityAssociation:
         else:
             df = nh == _NH_IPV4 and packet[6] & 0x40
             out = self._outer_ipv4(tos, _IPV4_MIN_HDR + esp_len, seq & 0xFFFF, df) + esp
-        self._account(n)
+        self._account_out(n)
         return out
 
     def _outer_ipv4(self, tos: int, total: int, ident: int, df: int) -> bytes:
@@ -399,7 +418,7 @@ class SecurityAssociation:
         head = bytearray(packet[:off])
         head[nh_off] = _PROTO_ESP
         _set_ip_length(head, info.version, total)
-        self._account(len(payload))
+        self._account_out(len(payload))
         return bytes(head) + t.seal(self.spi, seq, plaintext)
 
     def _reserve(self, seq: int) -> Drop | None:
@@ -415,6 +434,7 @@ class SecurityAssociation:
         except (SeqStoreError, OSError) as exc:
             return self._drop(DropReason.SEQ_NOT_PERSISTED, seq=seq, detail=str(exc))
         self._reserved = upto
+        self._refresh_fast_seq_max()
         return None
 
     # --- inbound ----------------------------------------------------------------------------------
@@ -442,7 +462,7 @@ class SecurityAssociation:
                 self._salt + packet[iv : iv + 8], packet[iv + 8 :], packet[esp_offset:iv]
             )
         except InvalidTag:
-            self.stats.auth_failures += 1
+            self._stats.auth_failures += 1
             return Drop(DropReason.AUTH_FAILED, spi, seq)
         replay.commit(seq)
         pad = plaintext[-2]
@@ -456,7 +476,7 @@ class SecurityAssociation:
             or (pad and plaintext[size:-2] != PAD[:pad])
         ):
             return self._deliver(packet, esp_offset, 6, 0, plaintext, seq)
-        st = self.stats
+        st = self._stats
         st.packets += 1
         st.bytes += size
         if st.packets >= self._lim_packets or st.bytes >= self._lim_bytes:
@@ -489,11 +509,11 @@ class SecurityAssociation:
             seq = replay.infer(seq)
         verdict = replay.check(seq)
         if verdict:
-            self.stats.replay_drops += 1
+            self._stats.replay_drops += 1
             return Drop(DropReason.REPLAY, self.spi, seq, _REPLAY_DETAIL[verdict])
         plaintext = self.transform.open(packet, esp_offset, end, seq)
         if plaintext is None:
-            self.stats.auth_failures += 1
+            self._stats.auth_failures += 1
             return Drop(DropReason.AUTH_FAILED, self.spi, seq)
         replay.commit(seq)  # only now: the ICV verified (RFC 4303 3.4.3 step 5)
         return self._deliver(packet, esp_offset, version, nh_off, plaintext, seq)
@@ -600,7 +620,7 @@ class SecurityAssociation:
         try:
             self._rx_store.save_top(self._rx_id, top, durable=False)  # type: ignore[union-attr]
         except (SeqStoreError, OSError):
-            self.stats.replay_save_errors += 1
+            self._stats.replay_save_errors += 1
             return
         self._rx_saved = top
 
@@ -623,8 +643,24 @@ class SecurityAssociation:
         self.handle_timer(now)
         return self.hard_expired
 
+    @property
+    def stats(self) -> SaStats:
+        """The SA's counters (outbound packets and bytes are kept apart by the hot path)."""
+        st = self._stats
+        if self.params.direction is Direction.OUT:
+            st.packets = self.seq - self._seq0
+            st.bytes = self._tx_bytes
+        return st
+
+    def _account_out(self, size: int) -> None:
+        """A packet was protected (its sequence number is already counted in ``seq``)."""
+        self._tx_bytes += size
+        if self.seq - self._seq0 >= self._lim_packets or self._tx_bytes >= self._lim_bytes:
+            self._usage_limit_reached()
+
     def _account(self, size: int) -> None:
-        st = self.stats
+        """A packet was authenticated (inbound)."""
+        st = self._stats
         st.packets += 1
         st.bytes += size
         if st.packets >= self._lim_packets or st.bytes >= self._lim_bytes:
@@ -657,18 +693,27 @@ class SecurityAssociation:
         once hard-expired the deadline is -inf, so every packet takes the slow path and drops."""
         if self.hard_expired:
             self._deadline = -_INF
-            self._lim_packets = self._lim_bytes = _INF
-            return
-        soft, hard = self.params.soft, self.params.hard
-        limits = (hard,) if self.soft_fired else (soft, hard)
-        self._lim_packets = min((x.packets for x in limits if x.packets is not None), default=_INF)
-        self._lim_bytes = min((x.bytes for x in limits if x.bytes is not None), default=_INF)
-        self._deadline = min(_INF if self.soft_fired else self._soft_deadline, self._hard_deadline)
+            self._lim_packets = self._lim_bytes = _UNLIMITED
+        else:
+            soft, hard = self.params.soft, self.params.hard
+            limits = (hard,) if self.soft_fired else (soft, hard)
+            packets = [x.packets for x in limits if x.packets is not None]
+            octets = [x.bytes for x in limits if x.bytes is not None]
+            self._lim_packets = min(packets, default=_UNLIMITED)
+            self._lim_bytes = min(octets, default=_UNLIMITED)
+            soft_deadline = _INF if self.soft_fired else self._soft_deadline
+            self._deadline = min(soft_deadline, self._hard_deadline)
+        self._refresh_fast_seq_max()
+
+    def _refresh_fast_seq_max(self) -> None:
+        """Highest sequence number the outbound fast path may use without the general code: below
+        the reservation mark and short of the packet that reaches a packet limit."""
+        self._fast_seq_max = min(self._reserved, self._seq0 + self._lim_packets - 1)
 
     # --- drops ------------------------------------------------------------------------------------
 
     def _drop(self, reason: DropReason, seq: int | None = None, detail: str = "") -> Drop:
-        self.stats.other_drops += 1
+        self._stats.other_drops += 1
         return Drop(reason, self.spi, seq, detail)
 
     def __repr__(self) -> str:  # keys stay out (SaParams hides them too)

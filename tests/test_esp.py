@@ -391,6 +391,19 @@ def test_byte_lifetimes_count_cleartext_payload() -> None:
     assert drop_reason(inb.decapsulate(pkts[0], 40, 0.0)) is DropReason.SA_EXPIRED
 
 
+def test_byte_lifetimes_on_the_fast_path_fire_exactly_at_the_limit() -> None:
+    out, _ = sa_pair("gcm128", "tunnel6in6", soft=Lifetime(bytes=200), hard=Lifetime(bytes=300))
+    assert out.encapsulate.__name__ == "_encap_fast6"
+    inner = inner_packet("tunnel6in6", payload=bytes(52))
+    assert isinstance(out.encapsulate(inner, 0.0), bytes) and out.events == []
+    assert isinstance(out.encapsulate(inner, 0.0), bytes)  # 200 octets: the soft limit
+    assert out.events == [SaLifetimeEvent(0x1001, "soft", "bytes")]
+    assert isinstance(out.encapsulate(inner, 0.0), bytes)  # 300: hard, this one still passes
+    assert out.events[-1] == SaLifetimeEvent(0x1001, "hard", "bytes") and out.hard_expired
+    assert drop_reason(out.encapsulate(inner, 0.0)) is DropReason.SA_EXPIRED
+    assert (out.stats.packets, out.stats.bytes, out.seq) == (3, 300, 3)
+
+
 def test_seconds_lifetimes_and_timers() -> None:
     soft, hard = Lifetime(seconds=10), Lifetime(seconds=30)
     out, _ = sa_pair("gcm128", "tunnel6in6", now=100.0, soft=soft, hard=hard)
