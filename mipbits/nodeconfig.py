@@ -30,6 +30,7 @@
     ipv6 = true
     interfaces = []                # empty: every interface but loopback
     nd_bypass = true               # never queue IPv6 Neighbour Discovery
+    tcp_mss = 1340                 # MSS clamp on outgoing SYN/SYN-ACK (room for ESP); 0 = off
 
 Unknown keys in these sections are errors (typos must not be silently ignored); other top-level
 sections (e.g. the mobility ones of ``mn``/``ha`` nodes) are kept raw in ``NodeConfig.sections``.
@@ -47,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from bits.errors import ConfigError
-from bits.io.iptables import RuleSettings
+from bits.io.iptables import DEFAULT_TCP_MSS, RuleSettings
 from bits.io.nfqueue import DEFAULT_MAXLEN, QueueSettings
 from bits.io.tracefile import DEFAULT_KEEP, DEFAULT_MAX_BYTES, MIN_MAX_BYTES, TraceSettings
 from bits.trace import TraceLevel
@@ -60,7 +61,7 @@ _KNOWN = {
     "queues": {"outbound", "inbound", "workers", "maxlen"},
     "trace": {"path", "level", "max_bytes", "keep"},
     "control": {"socket"},
-    "rules": {"ipv4", "ipv6", "interfaces", "nd_bypass"},
+    "rules": {"ipv4", "ipv6", "interfaces", "nd_bypass", "tcp_mss"},
 }
 
 
@@ -227,4 +228,7 @@ def _rules(r: _Reader) -> RuleSettings:
         if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9_.:@+-]{1,15}$", name) or name == "lo":
             raise r.fail("rules", "interfaces", f"bad interface name {name!r}")
     nd_bypass = r.get("rules", "nd_bypass", bool, True)
-    return RuleSettings(ipv4, ipv6, tuple(interfaces), nd_bypass)
+    tcp_mss = r.get("rules", "tcp_mss", int, DEFAULT_TCP_MSS)
+    if tcp_mss and not 536 <= tcp_mss <= 65495:
+        raise r.fail("rules", "tcp_mss", f"must be 0 (off) or 536..65495, got {tcp_mss}")
+    return RuleSettings(ipv4, ipv6, tuple(interfaces), nd_bypass, tcp_mss)

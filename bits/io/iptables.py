@@ -49,6 +49,10 @@ class IptablesError(BitsError):
     """An iptables command failed; carries the command and its stderr."""
 
 
+#: 1500 - 40 (IPv6) - 20 (TCP) - 40 (tunnel-mode outer IPv6) - 57 (worst-case ESP overhead), rounded down
+DEFAULT_TCP_MSS = 1340
+
+
 @dataclass(frozen=True, slots=True)
 class RuleSettings:
     """The ``[rules]`` section of a node configuration."""
@@ -57,6 +61,10 @@ class RuleSettings:
     ipv6: bool = True
     interfaces: tuple[str, ...] = ()  # empty: every interface except loopback
     nd_bypass: bool = True  # never queue IPv6 Neighbour Discovery (ICMPv6 133-137)
+    # TCP MSS written into outgoing SYN / SYN-ACK (0: leave it). ESP adds 26..57 octets (plus 20/40
+    # in tunnel mode) after the kernel sized the segment for the plain path, so without clamping a
+    # full-sized segment no longer fits the link MTU (RFC 4301 section 8 leaves PMTU to the host).
+    tcp_mss: int = DEFAULT_TCP_MSS
 
 
 class QueueLike(Protocol):
@@ -136,6 +144,9 @@ def _render_table(cfg: RulesConfig, family: Family, hook: Hook, jump: str) -> st
     bypass = ""
     if family is IPV6 and rules.nd_bypass:
         bypass = _template("nd-bypass.tmpl").substitute(chain=hook.chain)
+    if hook.direction == "out" and rules.tcp_mss:
+        bypass += (f"\n-A {hook.chain} -p tcp -m tcp --tcp-flags SYN,RST SYN "
+                   f"-j TCPMSS --set-mss {rules.tcp_mss}")
     text = _template(hook.template).substitute(
         family=family.cmd, chain=hook.chain, jump=jump, bypass=bypass, queue=queue
     )
