@@ -13,7 +13,7 @@ from typing import Any
 
 from .constants import Action, Direction, IpProto
 from .errors import ParseError
-from .esp import SaLifetimeEvent, SecurityAssociation, peek_spi_seq
+from .esp import SaLifetimeEvent, SecurityAssociation, flush_all, peek_spi_seq
 from .ip import IpInfo, pull_ip, pull_selectors, selectors_from_info
 from .sa import SaParams
 from .sad import PolicyDb
@@ -177,10 +177,7 @@ class Engine:
 
     def close(self) -> None:
         """Persist what must survive a restart (inbound replay right edges, see bits/esp.py)."""
-        for sa in self.policy.sad:
-            flush = getattr(sa, "flush", None)
-            if flush is not None:
-                flush()
+        flush_all(self.policy.sad)  # every SA, then one SeqStoreError naming any that failed
 
     def status(self) -> dict[str, Any]:
         """Counters per SA, per SPD entry and per drop reason, JSON-able and without keys."""
@@ -225,6 +222,7 @@ def _sa_status(sa: SecurityAssociation) -> dict[str, Any]:
         "replay_drops": st.replay_drops,
         "auth_failures": st.auth_failures,
         "other_drops": st.other_drops,
+        "replay_save_errors": getattr(st, "replay_save_errors", 0),
         "soft_fired": sa.soft_fired,
         "hard_expired": sa.hard_expired,
         "added_at": sa.added_at,
