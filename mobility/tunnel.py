@@ -31,6 +31,16 @@ Telling signalling from data is by SPI (draft 4.3.2 / 4.4.2), in one of two mode
 engine's query interface once per peer and caches the answer until ``sad_changed()``;
 ``heuristic`` never asks: "heuristic and locking" on the sender side, binding-cache comparison on
 the HA's receiving side.
+
+DSMIPv6 (RFC 5555; ``mobility.udp4191``, docs/dsmipv6.md): for an IPv4 care-of address nothing is
+rewritten. ``outbound`` returns the engine's IPv6 packet unchanged with an ``Ipv4Path`` instead of
+a ``Route``: the MN's BU in UDP from the newest IPv4 CoA to the HA's port 4191, its data in UDP
+(NAT or F) or IPv6-in-IPv4 from the acknowledged CoA (Req #3 as above); the HA's BA in UDP to the
+outer address and port the BU came from, its data as the binding says. ``inbound_udp`` /
+``inbound_ipip`` take what the IPv4 sockets received and return the IPv6 packet to write into the
+TUN, so it reaches the engine *below* the stack; on the HA ``inbound_udp`` first records the outer
+address and port of a possible BU (Req #4) and ``bu_udp_source`` hands the right record to the
+binding cache once the engine has authenticated the BU.
 """
 
 from __future__ import annotations
@@ -46,10 +56,26 @@ from typing import Any, NamedTuple, Protocol
 from bits.constants import AuthAlg, EncAlg, IpProto
 from bits.ip import PacketSelectors
 
-from .binding import BindingCreated, BindingDeleted, BindingUpdated
+from .binding import BindingCreated, BindingDeleted, BindingUpdated, Ipv4Endpoint
 from .constants import HAO_DATA_LEN, HAO_OPTION_TYPE, MAX_UPDATE_RATE, ROUTING_TYPE_2, MhType
 from .errors import MobilityError, ParseError
 from .ipv6ext import push_home_address_option, push_type2_routing_header
+from .mh import BindingUpdate
+from .options import Ipv4CareOfAddress, find_option
+from .udp4191 import (
+    DSMIPV6_PORT,
+    Encap,
+    Endpoint,
+    InboundSeq,
+    Ipv4Path,
+    OuterRecords,
+    endpoint_of,
+    esp_seq,
+    ipip_path,
+    pull_ipv4_outer,
+    to_ipv4_endpoint,
+    udp_path,
+)
 
 # --- Specification ----------------------------------------------------------------------------------
 
@@ -77,6 +103,8 @@ QUERY_RETRY_INTERVAL = 5.0  # seconds before a failed engine query is tried agai
 SIGNAL_RATE_WINDOW = 1.0  # seconds: more packets than MAX_UPDATE_RATE on a "signalling" SPI in
 #                           one window cannot be BUs/BAs (RFC 6275 11.8): the lock was wrong
 SEEN_COA_LIMIT = 4096  # HoAs whose last Home Address option source the HA remembers
+INBOUND_QUERY_BUDGET = 10  # api: engine queries a second for SPIs never seen (random-SPI garbage)
+INBOUND_CACHE_LIMIT = 4096  # api: inbound SPI answers kept (cleared when full)
 
 _H = struct.Struct("!H")
 _I = struct.Struct("!I")
@@ -117,6 +145,8 @@ class Kind(str, Enum):
     PLAIN = "plain"  # not ESP
     HAO = "hao"  # HA inbound: a packet carrying a Home Address option
     PTB = "ptb"  # an ICMPv6 Packet Too Big we generated
+    DECAP = "decap"  # an IPv6 packet taken out of UDP/IPv4 or IPv4 and written into the TUN
+    COMMIT = "commit"  # HA: the outer endpoint recorded before IPsec, given to an authenticated BU
 
 
 class Reason(str, Enum):
@@ -135,6 +165,14 @@ class Reason(str, Enum):
     COA_KNOWN = "coa-known"  # HA heuristic: HAO source equals the binding's CoA
     NO_BINDING = "no-binding"  # HA heuristic: HAO for a HoA without binding (first registration)
     NOT_ESP = "not-esp"
+    # DSMIPv6, HA, UDP 4191 before IPsec (draft 4.4.2 heuristic); api mode uses the API_* reasons
+    OUTER_CHANGED = "outer-changed"  # outer address/port differs from the binding's: recorded
+    OUTER_KNOWN = "outer-known"  # the binding's own outer address/port: nothing to record
+    # DSMIPv6, HA, after IPsec: which record the authenticated BU gets (``bu_udp_source``)
+    RECORD_SEQ = "record-seq"  # the engine authenticated this record's SPI and sequence number
+    RECORD_LATEST = "record-latest"  # the newest fresh record
+    RECORD_BINDING = "record-binding"  # no fresh record: the binding's own outer address/port
+    NO_RECORD = "no-record"  # nothing recorded and no binding: the BU has no UDP source
 
 
 class TunnelDrop(str, Enum):
@@ -150,6 +188,10 @@ class TunnelDrop(str, Enum):
     BAD_RH2 = "bad-rh2"  # type 2 routing header not for our HoA or malformed (RFC 6275 11.3.3)
     HOP_LIMIT = "hop-limit"  # HA: cleartext re-injected until its hop limit ran out (a loop)
     LOOP = "loop"  # HA: the destination chosen is the HoA itself (it is at home)
+    NOT_ESP = "not-esp"  # DSMIPv6: an IPv6 packet in UDP/IPv4 that is not ESP (fail closed)
+    WRONG_PEER = "wrong-peer"  # DSMIPv6: MN: not from the HA's address/port; HA: IPv6-in-IPv4
+    #                            not from the binding's IPv4 care-of address
+    WRONG_ADDRESS = "wrong-address"  # DSMIPv6: the inner IPv6 packet is not HoA <-> HA
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,11 +204,13 @@ class TunnelTrace:
     reason: Reason | None
     spi: int | None
     hoa: bytes | None
-    coa: bytes | None  # the care-of address chosen (outbound) or seen (inbound)
+    coa: bytes | None  # the care-of address chosen (outbound) or seen (inbound); 4 octets: IPv4
     drop: TunnelDrop | None = None
+    outer: str | None = None  # DSMIPv6: the IPv4 path ("udp 203.0.113.2:40001", "ipip 198.51.100.9")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """JSON-able; ``outer`` appears only for DSMIPv6 decisions (UDP / IPv6-in-IPv4)."""
+        out = {
             "direction": self.direction,
             "mode": self.mode.value,
             "kind": self.kind.value,
@@ -176,10 +220,15 @@ class TunnelTrace:
             "coa": _text(self.coa),
             "drop": None if self.drop is None else self.drop.value,
         }
+        if self.outer is not None:
+            out["outer"] = self.outer
+        return out
 
 
 def _text(addr: bytes | None) -> str | None:
-    return None if addr is None else str(ipaddress.IPv6Address(addr))
+    if addr is None:
+        return None
+    return str(ipaddress.IPv4Address(addr) if len(addr) == 4 else ipaddress.IPv6Address(addr))
 
 
 def _addr16(addr: ipaddress.IPv6Address | bytes | str) -> bytes:
@@ -187,6 +236,22 @@ def _addr16(addr: ipaddress.IPv6Address | bytes | str) -> bytes:
         return ipaddress.IPv6Address(addr).packed
     except ValueError:
         raise MobilityError(f"not an IPv6 address: {addr!r}") from None
+
+
+def _coa_bytes(addr: ipaddress.IPv4Address | ipaddress.IPv6Address | bytes | str) -> bytes:
+    """A care-of address: 16 octets (IPv6) or 4 (IPv4, DSMIPv6)."""
+    try:
+        return ipaddress.ip_address(addr).packed
+    except ValueError:
+        raise MobilityError(f"not an IP address: {addr!r}") from None
+
+
+def _dotted(addr4: bytes) -> str:
+    return f"{addr4[0]}.{addr4[1]}.{addr4[2]}.{addr4[3]}"
+
+
+def _packed4(dotted: str) -> bytes:
+    return ipaddress.IPv4Address(dotted).packed
 
 
 # --- packet views and builders --------------------------------------------------------------------------
@@ -264,6 +329,24 @@ def build_packet_too_big(original: bytes, mtu: int, src: bytes, hop_limit: int =
 def _link_local_or_multicast(packet: bytes) -> bool:
     """Never tunnelled (RFC 6275 10.4.2): link-local or unspecified source, multicast destination."""
     return packet[24] == 0xFF or packet[8:10] == b"\xfe\x80" or packet[8:24] == bytes(16)
+
+
+def inner_esp(payload: bytes, src: bytes | None, dst: bytes) -> EspView | TunnelDrop:
+    """The checks on an IPv6 packet taken out of UDP/IPv4 or IPv4 before it goes into the TUN
+    (DSMIPv6): IPv6, from ``src`` (None: any unicast source) to ``dst``, ending in ESP. Everything
+    HoA <-> HA is ESP here, so anything else is refused (fail closed) rather than injected into
+    the stack -- an open decapsulator would also relay packets to third parties."""
+    if len(payload) < IPV6_HEADER_LEN:
+        return TunnelDrop.MALFORMED if payload[:1] and payload[0] >> 4 == 6 else TunnelDrop.NOT_IPV6
+    if payload[0] >> 4 != 6:
+        return TunnelDrop.NOT_IPV6
+    if payload[24:40] != dst or (src is not None and payload[8:24] != src) or _link_local_or_multicast(payload):
+        return TunnelDrop.WRONG_ADDRESS
+    try:
+        view = pull_esp_view(payload)
+    except ParseError:
+        return TunnelDrop.MALFORMED
+    return TunnelDrop.NOT_ESP if view is None else view
 
 
 # --- MTU -------------------------------------------------------------------------------------------------
@@ -459,6 +542,8 @@ class ApiClassifier:
         self._retry_at: dict[Any, float] = {}
         self.queries = 0  # queries sent to the engine (a test asserts: not one per packet)
         self.failures = 0
+        self.budget_skips = 0  # inbound SPIs not asked about: over INBOUND_QUERY_BUDGET
+        self._budget_start, self._budget_used = float("-inf"), 0
 
     def outbound(self, src: bytes, dst: bytes, spi: int, expecting: bool, now: float) -> tuple[bool, Reason]:
         spis = self._out.get((src, dst))
@@ -494,14 +579,31 @@ class ApiClassifier:
         if known is None:
             if self._query_inbound_spi is None or now < self._retry_at.get(spi, float("-inf")):
                 return None
+            if not self._inbound_budget(now):
+                return None  # random-SPI garbage must not become a query per packet
             try:
                 self.queries += 1
-                known = self._in[spi] = answer_is_binding_update(self._query_inbound_spi(spi))
+                known = answer_is_binding_update(self._query_inbound_spi(spi))
             except EngineQueryError:
                 self.failures += 1
                 self._retry_at[spi] = now + self._retry
                 return None
+            if len(self._in) >= INBOUND_CACHE_LIMIT:
+                self._in.clear()
+            self._in[spi] = known
         return known, Reason.API_SIGNAL_SPI if known else Reason.API_OTHER_SPI
+
+    def _inbound_budget(self, now: float) -> bool:
+        """At most INBOUND_QUERY_BUDGET queries a second for SPIs not cached yet (our own SAs are
+        asked about once; a flood of made-up SPIs would otherwise ask once per packet). Over the
+        budget the caller's heuristic decides, and the engine drops the garbage anyway."""
+        if now - self._budget_start >= 1.0:
+            self._budget_start, self._budget_used = now, 0
+        if self._budget_used >= INBOUND_QUERY_BUDGET:
+            self.budget_skips += 1
+            return False
+        self._budget_used += 1
+        return True
 
     def sad_changed(self) -> None:
         self._out.clear()
@@ -583,8 +685,17 @@ class _TunnelBase:
         return events
 
     def _trace(self, direction: str, kind: Kind, reason: Reason | None, spi: int | None,
-               hoa: bytes | None, coa: bytes | None, drop: TunnelDrop | None = None) -> None:
-        self.events.append(TunnelTrace(direction, self.classifier.mode, kind, reason, spi, hoa, coa, drop))
+               hoa: bytes | None, coa: bytes | None, drop: TunnelDrop | None = None,
+               outer: str | None = None) -> None:
+        self.events.append(TunnelTrace(direction, self.classifier.mode, kind, reason, spi, hoa, coa, drop, outer))
+
+    def _in_drop(self, drop: TunnelDrop, outer: str, hoa: bytes | None = None,
+                 spi: int | None = None) -> TunnelDrop:
+        """A packet from an IPv4 socket refused before the TUN (DSMIPv6): counted, traced."""
+        self.drops[drop] += 1
+        if self.tracing:
+            self._trace("in", Kind.DECAP, None, spi, hoa, None, drop, outer)
+        return drop
 
     def _drop(self, drop: TunnelDrop, direction: str = "out", kind: Kind = Kind.PLAIN,
               reason: Reason | None = None, spi: int | None = None, hoa: bytes | None = None) -> Output:
@@ -625,11 +736,13 @@ class MnState(str, Enum):
 
 class MnTunnel(_TunnelBase):
     """The mobile node's tunnel module. Control plane: ``expect_binding_update(coa)`` just before
-    the mobility module sends a BU from ``coa``; ``binding_acknowledged(coa)`` after an accepted
-    BA; ``returned_home()`` after the de-registration. Data plane: ``outbound`` / ``inbound``."""
+    the mobility module sends a BU from ``coa``; ``binding_acknowledged(coa, udp_encap=...)`` after
+    an accepted BA; ``returned_home()`` after the de-registration. Data plane: ``outbound`` /
+    ``inbound`` (raw PREROUTING hook) and, for IPv4 care-of addresses (DSMIPv6, needs ``ha_ipv4``),
+    ``inbound_udp`` / ``inbound_ipip`` (what the IPv4 sockets received)."""
 
     _COUNTS = ("out_signal", "out_data", "out_plain", "out_home", "out_other", "in_rewritten",
-               "in_rh2_removed", "ptb")
+               "in_rh2_removed", "ptb", "out_udp", "out_ipip", "in_decap")
 
     def __init__(
         self,
@@ -639,15 +752,21 @@ class MnTunnel(_TunnelBase):
         *,
         path_mtu: int = DEFAULT_PATH_MTU,
         tracing: bool = False,
+        ha_ipv4: ipaddress.IPv4Address | str | None = None,
     ) -> None:
         super().__init__(classifier, path_mtu, tracing)
         self.hoa = _addr16(hoa)
         self.ha = _addr16(ha)
+        self.ha_ipv4 = None if ha_ipv4 is None else str(ipaddress.IPv4Address(ha_ipv4))
         self.at_home = True
+        # Care-of addresses are 16 octets (IPv6) or 4 (IPv4, DSMIPv6: sent in IPv4, see udp4191).
         self.coa: bytes | None = None  # current data CoA (acknowledged by a BA)
         self.pending: bytes | None = None  # CoA of a BU in flight, when it differs from ``coa``
         self.previous: bytes | None = None  # the CoA before: ESP in flight to it is still ours
         self.expecting = False  # a BU is about to come through the TUN
+        self.udp_encap = False  # IPv4 CoA: data in UDP (NAT or F, RFC 5555 4.2), else IPv6-in-IPv4
+        self._data_path: Ipv4Path | None = None  # IPv4 CoA: the path of data packets
+        self._bu_paths: dict[bytes, Ipv4Path] = {}  # IPv4 CoA -> UDP path of its BUs
         self._hao = push_home_address_option(self.hoa, _ESP)
 
     # --- control plane ---
@@ -660,27 +779,52 @@ class MnTunnel(_TunnelBase):
             return MnState.REGISTERING
         return MnState.MOVING if self.pending is not None else MnState.REGISTERED
 
-    def expect_binding_update(self, coa: ipaddress.IPv6Address | bytes | str) -> None:
-        """The mobility module is about to send a BU from ``coa`` (first one, retransmission or
-        refresh): the next BU through the TUN leaves from ``coa`` with a Home Address option."""
-        coa16 = _addr16(coa)
+    def expect_binding_update(self, coa: ipaddress.IPv4Address | ipaddress.IPv6Address | bytes | str) -> None:
+        """The mobility module is about to send a BU from ``coa`` (first one, retransmission,
+        refresh or NAT keepalive): the next BU through the TUN leaves from ``coa`` -- with a Home
+        Address option from an IPv6 CoA; in UDP to the HA's port 4191 from an IPv4 CoA (RFC 5555
+        4.2: the IPv6 header keeps the HoA, no option)."""
+        coa_b = self._care_of(coa)
         self.at_home = False
-        self.pending = None if coa16 == self.coa else coa16
+        self.pending = None if coa_b == self.coa else coa_b
         self.expecting = True
 
-    def binding_acknowledged(self, coa: ipaddress.IPv6Address | bytes | str) -> None:
-        """An accepted BA for a BU from ``coa``: data switches to it (draft 4.3.1)."""
-        coa16 = _addr16(coa)
-        if coa16 != self.coa:
-            self.previous, self.coa = self.coa, coa16
-        if self.pending == coa16:
+    def binding_acknowledged(self, coa: ipaddress.IPv4Address | ipaddress.IPv6Address | bytes | str,
+                             *, udp_encap: bool = False) -> None:
+        """An accepted BA for a BU from ``coa``: data switches to it (draft 4.3.1). ``udp_encap``
+        (IPv4 CoA: ``Registered.udp_encap`` / ``HomeBinding.udp_encap``): data in UDP, else
+        IPv6-in-IPv4 (RFC 5555 4.2; docs/dsmipv6.md)."""
+        coa_b = self._care_of(coa)
+        if coa_b != self.coa:
+            self.previous, self.coa = self.coa, coa_b
+        if self.pending == coa_b:
             self.pending = None
+        self.udp_encap = udp_encap and len(coa_b) == 4
+        self._data_path = None
+        if len(coa_b) == 4:
+            src, ha4 = _dotted(coa_b), self.ha_ipv4 or ""
+            self._data_path = udp_path(ha4, DSMIPV6_PORT, src) if udp_encap else ipip_path(ha4, src)
         self.at_home, self.expecting = False, False  # the BU evidently went out
+
+    def _care_of(self, coa: ipaddress.IPv4Address | ipaddress.IPv6Address | bytes | str) -> bytes:
+        coa_b = _coa_bytes(coa)
+        if len(coa_b) == 4 and self.ha_ipv4 is None:
+            raise MobilityError("an IPv4 care-of address needs the HA's IPv4 address (ha_ipv4)")
+        return coa_b
+
+    def _bu_path(self, coa4: bytes) -> Ipv4Path:
+        path = self._bu_paths.get(coa4)
+        if path is None:
+            if len(self._bu_paths) >= 16:
+                self._bu_paths.clear()
+            path = self._bu_paths[coa4] = udp_path(self.ha_ipv4 or "", DSMIPV6_PORT, _dotted(coa4))
+        return path
 
     def returned_home(self) -> None:
         """De-registered at home: nothing is rewritten any more (RFC 6275 11.5.5)."""
         self.previous = self.coa
         self.at_home, self.coa, self.pending, self.expecting = True, None, None, False
+        self._data_path, self.udp_encap = None, False
 
     # --- data plane ---
 
@@ -706,11 +850,19 @@ class MnTunnel(_TunnelBase):
         return self._data(packet, view, reason)
 
     def _signal(self, packet: bytes, view: EspView, reason: Reason) -> Output:
-        """BU (or MPS): from the newest CoA, with the Home Address option (RFC 6275 6.3, 11.7.1)."""
+        """BU (or MPS): from the newest CoA, with the Home Address option (RFC 6275 6.3, 11.7.1);
+        from an IPv4 CoA unchanged in UDP to the HA's port 4191 (RFC 5555 4.2, always UDP)."""
         self.expecting = False
         coa = self.pending if self.pending is not None else self.coa
         if coa is None:
             return self._drop(TunnelDrop.NO_COA, "out", Kind.SIGNAL, reason, view.spi, self.hoa)
+        if len(coa) == 4:
+            path = self._bu_path(coa)
+            self.counts["out_signal"] += 1
+            self.counts["out_udp"] += 1
+            if self.tracing:
+                self._trace("out", Kind.SIGNAL, reason, view.spi, self.hoa, coa, outer=path.text())
+            return [(packet, path)]
         out = insert_header(packet, view, self._hao, _DSTOPTS)
         out[8:24] = coa
         if len(out) > self.path_mtu:
@@ -725,6 +877,13 @@ class MnTunnel(_TunnelBase):
         coa = self.coa
         if coa is None:
             return self._drop(TunnelDrop.NO_COA, "out", Kind.DATA, reason, view.spi, self.hoa)
+        path = self._data_path
+        if path is not None:  # IPv4 CoA: unchanged, in UDP or IPv6-in-IPv4 (the kernel may fragment)
+            self.counts["out_data"] += 1
+            self.counts["out_udp" if path.encap is Encap.UDP else "out_ipip"] += 1
+            if self.tracing:
+                self._trace("out", Kind.DATA, reason, view.spi, self.hoa, coa, outer=path.text())
+            return [(packet, path)]
         if len(packet) > self.path_mtu:
             return self._too_big(packet, 0, coa, self.hoa)
         self.counts["out_data"] += 1
@@ -785,6 +944,36 @@ class MnTunnel(_TunnelBase):
             self._trace("in", Kind.SIGNAL if rh2 >= 0 else Kind.DATA, None, spi, self.hoa, coa)
         return bytes(out)
 
+    def inbound_udp(self, payload: bytes, src: str, sport: int, now: float) -> bytes | TunnelDrop:
+        """A datagram on the MN's DSMIPv6 UDP socket: from the HA's IPv4 address and port 4191, an
+        IPv6 packet HA -> HoA ending in ESP (a BA or data, RFC 5555 4.2). Returns the packet to
+        write into the TUN -- it then reaches the engine *below* the stack, in raw PREROUTING, like
+        ESP from the wire -- or a counted drop."""
+        if src != self.ha_ipv4 or sport != DSMIPV6_PORT:
+            return self._in_drop(TunnelDrop.WRONG_PEER, f"udp {src}:{sport}")
+        return self._from_ha(payload, "udp", src, sport)
+
+    def inbound_ipip(self, packet: bytes, now: float) -> bytes | TunnelDrop:
+        """An IPv4 packet of protocol 41 (what a raw socket reads, IPv4 header included) from the
+        HA's IPv4 address: its IPv6 packet, checked as in ``inbound_udp``."""
+        try:
+            outer = pull_ipv4_outer(packet)
+        except ParseError:
+            return self._in_drop(TunnelDrop.MALFORMED, "ipip")
+        if outer.src != self.ha_ipv4:
+            return self._in_drop(TunnelDrop.WRONG_PEER, f"ipip {outer.src}")
+        return self._from_ha(outer.payload, "ipip", outer.src, 0)
+
+    def _from_ha(self, payload: bytes, encap: str, src: str, sport: int) -> bytes | TunnelDrop:
+        view = inner_esp(payload, self.ha, self.hoa)
+        if view.__class__ is not EspView:
+            return self._in_drop(view, f"{encap} {src}:{sport}" if sport else f"{encap} {src}")  # type: ignore[arg-type]
+        self.counts["in_decap"] += 1
+        if self.tracing:
+            outer = f"{encap} {src}:{sport}" if sport else f"{encap} {src}"
+            self._trace("in", Kind.DECAP, None, view.spi, self.hoa, self.coa, outer=outer)  # type: ignore[union-attr]
+        return payload
+
     def _our_rh2(self, packet: bytes, off: int, end: int) -> bool:
         """RFC 6275 11.3.3: Hdr Ext Len 2, Segments Left 1, and the address is our HoA."""
         return (
@@ -804,33 +993,76 @@ class MnTunnel(_TunnelBase):
 # --- home agent ------------------------------------------------------------------------------------------------------
 
 
-BindingLookup = Callable[[bytes], "bytes | None"]
+BindingLookup = Callable[[bytes], "bytes | Ipv4Path | None"]
 
 
 class BindingTable:
-    """HoA -> IPv6 CoA (16-octet keys and values) for ``HaTunnel``: one dictionary lookup per
-    packet. Fed with the HA ``BindingCache`` events; an IPv4 tunnel destination (DSMIPv6) is not
-    an IPv6 tunnel, so such a binding is absent here."""
+    """HoA -> where its packets go, for ``HaTunnel``: one dictionary lookup per packet. Fed with
+    the HA ``BindingCache`` events (``apply``). The value is the IPv6 CoA (16 octets) or, for an
+    IPv4 CoA (DSMIPv6, RFC 5555 4.2 / 4.5.1), an ``Ipv4Path``: UDP to the outer address and port
+    the BU came from when the entry says ``udp_encap`` (NAT detected or F), else IPv6-in-IPv4 to
+    the IPv4 CoA. For IPv4 bindings the table also keeps the recorded outer endpoint (where BAs go
+    and what the heuristic compares with, draft 4.4.2) and the IPv6-in-IPv4 peer."""
 
     def __init__(self) -> None:
-        self._coa: dict[bytes, bytes] = {}
+        self._coa: dict[bytes, bytes | Ipv4Path] = {}
+        self._endpoint: dict[bytes, Endpoint] = {}  # IPv4 bindings: recorded (V4ADDR, Z)
+        self._ipip_peer: dict[bytes, str] = {}  # IPv4 bindings without UDP: the IPv4 CoA
         self.lookup: BindingLookup = self._coa.get
 
     def set(self, hoa: ipaddress.IPv6Address | bytes | str, coa: ipaddress.IPv6Address | bytes | str) -> None:
-        self._coa[_addr16(hoa)] = _addr16(coa)
+        hoa16 = _addr16(hoa)
+        self._coa[hoa16] = _addr16(coa)
+        self._forget_ipv4(hoa16)
+
+    def set_ipv4(self, hoa: ipaddress.IPv6Address | bytes | str, coa: ipaddress.IPv4Address | str, *,
+                 udp_source: Ipv4Endpoint | None, udp_encap: bool) -> None:
+        """An IPv4 care-of address (RFC 5555 4.5.1): data in UDP to ``udp_source`` (the recorded
+        V4ADDR, Z) when ``udp_encap``, else IPv6-in-IPv4 to ``coa``."""
+        hoa16 = _addr16(hoa)
+        endpoint = endpoint_of(udp_source)
+        self._forget_ipv4(hoa16)
+        if udp_encap:
+            if endpoint is None:
+                raise MobilityError("UDP encapsulation needs the recorded outer address and port")
+            self._coa[hoa16] = Ipv4Path(Encap.UDP, endpoint[0], endpoint[1])
+        else:
+            path = self._coa[hoa16] = ipip_path(coa)
+            self._ipip_peer[hoa16] = path.dst
+        if endpoint is not None:
+            self._endpoint[hoa16] = endpoint
 
     def delete(self, hoa: ipaddress.IPv6Address | bytes | str) -> None:
-        self._coa.pop(_addr16(hoa), None)
+        hoa16 = _addr16(hoa)
+        self._coa.pop(hoa16, None)
+        self._forget_ipv4(hoa16)
+
+    def _forget_ipv4(self, hoa16: bytes) -> None:
+        self._endpoint.pop(hoa16, None)
+        self._ipip_peer.pop(hoa16, None)
+
+    def endpoint(self, hoa16: bytes) -> Endpoint | None:
+        """The outer (address, port) recorded for an IPv4 binding of ``hoa16``."""
+        return self._endpoint.get(hoa16)
+
+    def ipip_peer(self, hoa16: bytes) -> str | None:
+        """The IPv4 CoA from which IPv6-in-IPv4 for ``hoa16`` is accepted."""
+        return self._ipip_peer.get(hoa16)
+
+    def ba_path(self, hoa16: bytes) -> Ipv4Path | None:
+        """BAs always go in UDP to the recorded endpoint (RFC 5555 4.2)."""
+        endpoint = self._endpoint.get(hoa16)
+        return None if endpoint is None else Ipv4Path(Encap.UDP, endpoint[0], endpoint[1])
 
     def apply(self, events: Iterable[object]) -> None:
         """Apply ``BindingCreated`` / ``BindingUpdated`` / ``BindingDeleted``; ignore the rest."""
         for ev in events:
             if isinstance(ev, (BindingCreated, BindingUpdated)):
-                dest = ev.entry.tunnel_destination
-                if dest.version == 6:
-                    self.set(ev.hoa, dest)
+                entry = ev.entry
+                if entry.coa.version == 4:
+                    self.set_ipv4(ev.hoa, entry.coa, udp_source=entry.udp_source, udp_encap=entry.udp_encap)
                 else:
-                    self.delete(ev.hoa)
+                    self.set(ev.hoa, entry.tunnel_destination)
             elif isinstance(ev, BindingDeleted):
                 self.delete(ev.hoa)
 
@@ -839,44 +1071,109 @@ class BindingTable:
 
 
 class HaTunnel(_TunnelBase):
-    """The home agent's tunnel module. ``lookup(hoa16) -> coa16 | None`` is the binding cache
-    (``BindingTable.lookup``). Control plane: ``expect_binding_ack(hoa, coa)`` before the mobility
-    module sends a BA answering an authenticated BU from ``coa``. ``inner_mtu``: cleartext packets
-    for a HoA larger than this get a Packet Too Big (see ``MtuPlan``)."""
+    """The home agent's tunnel module. ``lookup(hoa16) -> coa16 | Ipv4Path | None`` is the binding
+    cache (``BindingTable.lookup``); pass the ``BindingTable`` itself to have DSMIPv6 (it also
+    holds the recorded outer endpoints). Control plane: ``expect_binding_ack(hoa, coa)`` before
+    the mobility module sends a BA answering an authenticated BU from ``coa`` (an IPv6 CoA, or the
+    ``Ipv4Endpoint`` from ``bu_udp_source``). ``inner_mtu``: cleartext packets for a HoA larger
+    than this get a Packet Too Big (see ``MtuPlan``).
 
-    _COUNTS = ("out_signal", "out_data", "out_reinjected", "in_hao", "ptb")
+    DSMIPv6 (Req #4, draft 4.4): ``inbound_udp(payload, src, sport, now)`` for each datagram on
+    the HA's UDP port 4191 records the outer address and port of a possible BU before IPsec and
+    returns the IPv6 packet to write into the TUN; ``bu_udp_source(hoa, bu, now)`` gives the
+    authenticated BU its record (``BindingCache.handle_binding_update(..., udp_source=)``);
+    ``inbound_ipip`` takes IPv6-in-IPv4 data from a binding's IPv4 CoA. ``inbound_seq(spi)`` (api
+    mode, optional): the engine's anti-replay right edge of an inbound SA, which picks the record
+    of exactly the packet the engine authenticated (``mobility.io.udp4191.control_inbound_seq``)."""
+
+    _COUNTS = ("out_signal", "out_data", "out_reinjected", "in_hao", "ptb", "out_udp", "out_ipip",
+               "in_udp", "in_ipip", "in_recorded", "bu_udp")
 
     def __init__(
         self,
         ha: ipaddress.IPv6Address | bytes | str,
-        lookup: BindingLookup,
+        lookup: BindingLookup | BindingTable,
         classifier: Classifier,
         *,
         path_mtu: int = DEFAULT_PATH_MTU,
         inner_mtu: int | None = None,
         tracing: bool = False,
+        inbound_seq: InboundSeq | None = None,
+        records: OuterRecords | None = None,
     ) -> None:
         super().__init__(classifier, path_mtu, tracing)
         self.ha = _addr16(ha)
-        self.lookup = lookup
+        self.table = lookup if isinstance(lookup, BindingTable) else None
+        self.lookup: BindingLookup = lookup.lookup if isinstance(lookup, BindingTable) else lookup
         self.inner_mtu = inner_mtu
+        self.inbound_seq = inbound_seq
+        self.records = records if records is not None else OuterRecords()
         self.expecting: set[bytes] = set()  # HoAs whose BA is about to come through the TUN
-        self._ba_dst: dict[bytes, bytes] = {}  # HoA -> CoA of the authenticated BU being answered
+        self._ba_dst: dict[bytes, bytes | Ipv4Path] = {}  # HoA -> where the BA being answered goes
         self.seen: dict[bytes, bytes] = {}  # HoA -> source of its last Home Address option packet
+        self.seq_failures = 0  # api: inbound_seq could not answer (the newest record is taken)
 
     # --- control plane ---
 
     def expect_binding_ack(self, hoa: ipaddress.IPv6Address | bytes | str,
-                           coa: ipaddress.IPv6Address | bytes | str) -> None:
-        """The next BA to ``hoa`` answers a BU from ``coa``: it goes there (RFC 6275 9.5.4)."""
+                           coa: ipaddress.IPv6Address | bytes | str | Ipv4Endpoint | Ipv4Path) -> None:
+        """The next BA to ``hoa`` answers a BU from ``coa``: it goes there (RFC 6275 9.5.4). For a
+        BU that came in UDP/IPv4 ``coa`` is its ``Ipv4Endpoint`` (from ``bu_udp_source``): the BA
+        goes back in UDP to that address and port, also when it rejects (RFC 5555 4.2)."""
         hoa16 = _addr16(hoa)
-        self._ba_dst[hoa16] = _addr16(coa)
+        if isinstance(coa, Ipv4Path):
+            self._ba_dst[hoa16] = coa
+        elif isinstance(coa, Ipv4Endpoint):
+            self._ba_dst[hoa16] = udp_path(coa.address, coa.port)
+        else:
+            self._ba_dst[hoa16] = _addr16(coa)
         self.expecting.add(hoa16)
 
     def seen_coa(self, hoa: ipaddress.IPv6Address | bytes | str) -> bytes | None:
         """The source address of the last packet with a Home Address option for ``hoa``
         (unauthenticated: compare it with the BU's Alternate Care-of Address)."""
         return self.seen.get(_addr16(hoa))
+
+    def bu_udp_source(self, hoa: ipaddress.IPv6Address | bytes | str, bu: BindingUpdate,
+                      now: float) -> Ipv4Endpoint | None:
+        """Req #4 after IPsec (draft 4.4.2): the outer IPv4 address and UDP port (V4ADDR, Z) the
+        authenticated ``bu`` from ``hoa`` arrived from, for ``BindingCache.handle_binding_update(
+        ..., udp_source=...)``, which compares it with the IPv4 Care-of Address option (NAT
+        detection) and records it. None for a BU without that option (it came over IPv6; any
+        records of ``hoa`` are dropped). Without a fresh record (a refresh from the binding's own
+        endpoint, which the heuristic does not record) the binding's endpoint is the answer."""
+        hoa16 = _addr16(hoa)
+        option = find_option(bu.options, Ipv4CareOfAddress)
+        if option is None:
+            self.records.discard(hoa16)
+            return None
+        use_seq = self.inbound_seq is not None and self.classifier.mode is ClassifyMode.API
+        taken = self.records.take(hoa16, now, self._seq_of if use_seq else None)
+        spi = None
+        if taken.candidate is not None:
+            endpoint: Endpoint | None = taken.candidate.endpoint
+            spi = taken.candidate.spi
+            reason = Reason.RECORD_SEQ if taken.how == "seq" else Reason.RECORD_LATEST
+        else:
+            endpoint = self.table.endpoint(hoa16) if self.table is not None else None
+            reason = Reason.NO_RECORD if endpoint is None else Reason.RECORD_BINDING
+        self.reasons[reason] += 1
+        self.counts["bu_udp"] += 1
+        if self.tracing:
+            outer = None if endpoint is None else f"udp {endpoint[0]}:{endpoint[1]}"
+            self._trace("in", Kind.COMMIT, reason, spi, hoa16, option.coa.packed, outer=outer)
+        return None if endpoint is None else to_ipv4_endpoint(endpoint)
+
+    def _seq_of(self, spi: int) -> int | None:
+        try:
+            return self.inbound_seq(spi) if self.inbound_seq is not None else None
+        except EngineQueryError:
+            self.seq_failures += 1
+            return None
+
+    def expire_records(self, now: float) -> int:
+        """Forget outer records no authenticated BU claimed (garbage); call now and then."""
+        return self.records.expire(now)
 
     # --- data plane ---
 
@@ -897,11 +1194,20 @@ class HaTunnel(_TunnelBase):
         return self._data(packet, view, hoa, reason)
 
     def _signal(self, packet: bytes, view: EspView, hoa: bytes, reason: Reason) -> Output:
-        """BA (or MPA): to the CoA the BU came from, with a type 2 routing header (RFC 6275 6.4)."""
+        """BA (or MPA): to the CoA the BU came from, with a type 2 routing header (RFC 6275 6.4);
+        to an IPv4 CoA unchanged in UDP to the BU's outer address and port (RFC 5555 4.2: the IPv6
+        destination is already the HoA, no routing header)."""
         self.expecting.discard(hoa)
-        coa = self._ba_dst.pop(hoa, None) or self.seen.get(hoa) or self.lookup(hoa)
+        coa = self._ba_dst.pop(hoa, None) or self.seen.get(hoa) or self._bound_ba_destination(hoa)
         if coa is None:
             return self._drop(TunnelDrop.NO_BINDING, "out", Kind.SIGNAL, reason, view.spi, hoa)
+        if coa.__class__ is Ipv4Path:
+            self.counts["out_signal"] += 1
+            self.counts["out_udp"] += 1
+            if self.tracing:
+                self._trace("out", Kind.SIGNAL, reason, view.spi, hoa, _packed4(coa.dst),  # type: ignore[union-attr]
+                            outer=coa.text())  # type: ignore[union-attr]
+            return [(packet, coa)]  # type: ignore[list-item]
         if coa == hoa:
             return self._drop(TunnelDrop.LOOP, "out", Kind.SIGNAL, reason, view.spi, hoa)
         out = insert_header(packet, view, push_type2_routing_header(hoa, packet[view.nh_at]), _ROUTING)
@@ -918,6 +1224,13 @@ class HaTunnel(_TunnelBase):
         coa = self.lookup(hoa)
         if coa is None:
             return self._drop(TunnelDrop.NO_BINDING, "out", Kind.DATA, reason, view.spi, hoa)
+        if coa.__class__ is Ipv4Path:  # RFC 5555 4.2: unchanged, in UDP or IPv6-in-IPv4
+            self.counts["out_data"] += 1
+            self.counts["out_udp" if coa.encap is Encap.UDP else "out_ipip"] += 1  # type: ignore[union-attr]
+            if self.tracing:
+                self._trace("out", Kind.DATA, reason, view.spi, hoa, _packed4(coa.dst),  # type: ignore[union-attr]
+                            outer=coa.text())  # type: ignore[union-attr]
+            return [(packet, coa)]  # type: ignore[list-item]
         if len(packet) > self.path_mtu:
             return self._too_big(packet, 0, self.ha, hoa)
         self.counts["out_data"] += 1
@@ -971,6 +1284,77 @@ class HaTunnel(_TunnelBase):
         self._record(hoa, coa, spi, now)
         return bytes(out)
 
+    def _bound_ba_destination(self, hoa: bytes) -> bytes | Ipv4Path | None:
+        """No announced destination: the binding's -- for an IPv4 binding UDP to its endpoint."""
+        dest = self.lookup(hoa)
+        if dest.__class__ is Ipv4Path and self.table is not None:
+            return self.table.ba_path(hoa)
+        return dest
+
+    def inbound_udp(self, payload: bytes, src: str, sport: int, now: float) -> bytes | TunnelDrop:
+        """Req #4 before IPsec (draft 4.4.2): a datagram on the HA's UDP port 4191 from ``src``,
+        ``sport`` (V4ADDR, Z). Its IPv6 packet must go to the HA and end in ESP. If it may be a
+        BU -- api: the engine says its SPI is a BU SA; heuristic: its outer address/port differs
+        from the binding's (a NAT-detection BU or garbage) or there is no binding -- the outer
+        endpoint is recorded with its SPI and sequence number, and authentication decides
+        (``bu_udp_source``). Returns the IPv6 packet to write into the TUN (the engine then
+        decapsulates it in raw PREROUTING) or a counted drop; garbage is left to the engine."""
+        view = inner_esp(payload, None, self.ha)
+        if view.__class__ is not EspView:
+            return self._in_drop(view, f"udp {src}:{sport}")  # type: ignore[arg-type]
+        hoa, spi = payload[8:24], view.spi  # type: ignore[union-attr]
+        endpoint = (src, sport)
+        verdict = self.classifier.inbound_signal(spi, now)
+        if verdict is None:
+            record, reason = self._compare_outer(hoa, spi, endpoint, now)
+        else:
+            record, reason = verdict
+        self.reasons[reason] += 1
+        self.counts["in_udp"] += 1
+        if record:
+            self.records.record(hoa, spi, esp_seq(payload, view.esp_at), endpoint, now)  # type: ignore[union-attr]
+            self.counts["in_recorded"] += 1
+            self.seen.pop(hoa, None)  # a HAO source from an earlier IPv6 CoA is stale now
+            self.expecting.add(hoa)
+        if self.tracing:
+            kind = Kind.SIGNAL if record else Kind.DATA
+            self._trace("in", kind, reason, spi, hoa, None, outer=f"udp {src}:{sport}")
+        return payload
+
+    def _compare_outer(self, hoa: bytes, spi: int, endpoint: Endpoint, now: float) -> tuple[bool, Reason]:
+        """Draft 4.4.2 heuristic: an outer address differing from the binding's means a NAT
+        detection BU or garbage. We compare address *and* port with the recorded endpoint (the
+        draft says "the IPv4 CoA previously recorded"; behind a NAT that would record every packet,
+        and without a NAT it would miss a new source port)."""
+        bound = self.table.endpoint(hoa) if self.table is not None else None
+        if bound is None:
+            return True, Reason.NO_BINDING
+        if bound != endpoint:
+            return True, Reason.OUTER_CHANGED
+        self.records.saw_bound(hoa, spi, now)  # a refresh BU from the same place (or data)
+        return False, Reason.OUTER_KNOWN
+
+    def inbound_ipip(self, packet: bytes, now: float) -> bytes | TunnelDrop:
+        """IPv6-in-IPv4 (protocol 41, IPv4 header included as a raw socket reads it): data from an
+        MN without NAT and without F. Accepted only from the IPv4 CoA of the inner source's
+        binding (BUs always come in UDP). Returns the IPv6 packet for the TUN or a drop."""
+        try:
+            outer = pull_ipv4_outer(packet)
+        except ParseError:
+            return self._in_drop(TunnelDrop.MALFORMED, "ipip")
+        view = inner_esp(outer.payload, None, self.ha)
+        if view.__class__ is not EspView:
+            return self._in_drop(view, f"ipip {outer.src}")  # type: ignore[arg-type]
+        hoa = outer.payload[8:24]
+        peer = self.table.ipip_peer(hoa) if self.table is not None else None
+        if peer is None or peer != outer.src:
+            return self._in_drop(TunnelDrop.WRONG_PEER, f"ipip {outer.src}", hoa, view.spi)  # type: ignore[union-attr]
+        self.counts["in_ipip"] += 1
+        if self.tracing:
+            self._trace("in", Kind.DECAP, None, view.spi, hoa, _packed4(outer.src),  # type: ignore[union-attr]
+                        outer=f"ipip {outer.src}")
+        return outer.payload
+
     def _record(self, hoa: bytes, coa: bytes, spi: int | None, now: float) -> None:
         """Draft 4.4.2: is this a BU (record its CoA before IPsec)? api: the SPI's selectors say so;
         heuristic: the source differs from the binding's CoA -- a BU from a new CoA, or garbage that
@@ -995,7 +1379,8 @@ class HaTunnel(_TunnelBase):
 
     def status(self) -> dict[str, Any]:
         st = super().status()
-        st.update(ha=_text(self.ha), expecting=sorted(_text(h) for h in self.expecting))
+        st.update(ha=_text(self.ha), expecting=sorted(_text(h) for h in self.expecting),  # type: ignore[type-var]
+                  records=dict(self.records.counts), pending_records=len(self.records))
         return st
 
 
@@ -1048,6 +1433,7 @@ __all__ = [
     "EspView",
     "HaTunnel",
     "HeuristicClassifier",
+    "Ipv4Path",
     "Kind",
     "MnState",
     "MnTunnel",
@@ -1061,6 +1447,7 @@ __all__ = [
     "build_packet_too_big",
     "esp_shape",
     "esp_tunnel_size",
+    "inner_esp",
     "insert_header",
     "make_classifier",
     "pull_esp_view",
