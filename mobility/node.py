@@ -1,0 +1,496 @@
+"""The mobility module of one node: a mobile node's or a home agent's control plane (RFC 6275
+sections 10 and 11), joining the binding state machines to the tunnel module and the routes.
+
+``MobileNode`` drives a ``BindingUpdateList`` from movements (``mobility.io.netlink.locate``),
+received Mobility Header messages and timers; ``HomeAgent`` drives a ``BindingCache``. Neither
+opens a socket or reads a clock: ``now`` is a parameter, and what touches the system comes in as
+small objects (routes, a ``send`` callable, a ``trace`` callable), so the order of the steps --
+which is most of what this module is about -- is tested with fakes (tests/test_mobility_run.py).
+The composition root (``mipbits.mobility_run``) builds the real ones and runs the loop.
+
+Order of steps (what the tunnel module and the routes need, docs/tunnel.md):
+
+mobile node
+  away:   home link route removed, ``routes.away(...)`` (HoA on the TUN, table of the visited link),
+          then each BU: ``tunnel.expect_binding_update(coa)`` immediately before the send;
+          an accepted BA: ``tunnel.binding_acknowledged(coa)`` (data switches now, Req #3)
+  home:   ``routes.home()`` and the home link route *before* the de-registration BU (it leaves
+          by the home link); its BA: ``tunnel.returned_home()``
+home agent
+  BU:     ``cache.handle_binding_update``, the binding table and the routes updated *before*
+          the BA is sent (the BA to a new care-of address goes through the tunnel);
+          then ``tunnel.expect_binding_ack(hoa, coa)`` and the send. A BA to a mobile node at
+          home (a de-registration) leaves by the home link, never through the tunnel.
+  home:   a mobile node without a binding is "at home": its packets still go through the engine
+          (``mobility.io.homelink``), the binding table maps the HoA to itself.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .binding import (
+    BindingCache,
+    BindingCacheEntry,
+    BindingCreated,
+    BindingDeleted,
+    BindingRefreshed,
+    BindingUpdated,
+    BindingUpdateDiscarded,
+    BindingUpdateRejected,
+    SendBindingRefreshRequest,
+)
+from .bul import (
+    BindingAckTimeout,
+    BindingExpired,
+    BindingLost,
+    BindingUpdateList,
+    MessageIgnored,
+    MnResult,
+    OutgoingBindingUpdate,
+    Registered,
+    RegistrationFailed,
+    ReturnedHome,
+    SequenceResynchronized,
+    StateChanged,
+)
+from .bul import BindingRefreshed as MnBindingRefreshed
+from .mh import BindingAck, BindingErrorMessage, BindingRefreshRequest, BindingUpdate, MobilityMessage, UnknownMessage
+from .options import AlternateCareOfAddress, find_option
+from .tunnel import BindingTable, HaTunnel, MnTunnel
+
+IPv6Address = ipaddress.IPv6Address
+
+HISTORY = 32  # registrations remembered for ``status``
+
+#: ``send(message, dst, src)``: a Mobility Header message out of the MH socket.
+Send = Callable[[MobilityMessage, IPv6Address, IPv6Address], None]
+#: ``trace(event, fields)``: one decision, written as a trace record (component "mobility").
+Trace = Callable[[str, Mapping[str, Any]], None]
+
+
+def _no_trace(event: str, fields: Mapping[str, Any]) -> None:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """Where the mobile node is (``mobility.io.netlink.Location`` plus the next hop there)."""
+
+    kind: str  # "home" | "away" | "detached"
+    interface: str | None = None
+    coa: IPv6Address | None = None
+    gateway: str | None = None  # the link's default router (None: unknown / on-link)
+
+
+# --- mobile node ---------------------------------------------------------------------------------------
+
+
+class MnRoutesPort(Protocol):
+    """``mobility.io.routes.MnRoutes``."""
+
+    def away(self, hoa: str, ha: str, iface: str, gateway: str | None, inner_mtu: int) -> None: ...
+
+    def home(self) -> None: ...
+
+
+class MnHomePort(Protocol):
+    """``mobility.io.homelink.MnHomeLink``."""
+
+    def enter(self, iface: str, gateway: str, mtu: int) -> None: ...
+
+    def leave(self) -> None: ...
+
+
+class _Attempt:
+    """One registration attempt (a move, a refresh, returning home) from its first BU to its BA."""
+
+    __slots__ = ("kind", "coa", "moved_at", "first_bu", "last_bu", "bus", "seq")
+
+    def __init__(self, kind: str, coa: IPv6Address, moved_at: float | None, now: float, seq: int) -> None:
+        self.kind, self.coa, self.moved_at = kind, coa, moved_at
+        self.first_bu = self.last_bu = now
+        self.bus = 1
+        self.seq = seq
+
+    def result(self, status: int, seq: int, now: float) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "coa": str(self.coa),
+            "seq": seq,
+            "status": status,
+            "bus": self.bus,
+            "bu_to_ba": round(now - self.first_bu, 6),  # first BU of the attempt -> BA
+            "last_bu_to_ba": round(now - self.last_bu, 6),
+            "move_to_ba": None if self.moved_at is None else round(now - self.moved_at, 6),
+            "at": now,
+        }
+
+
+class MobileNode:
+    """A mobile node's mobility module (RFC 6275 section 11) over the tunnel interface."""
+
+    def __init__(self, bul: BindingUpdateList, tunnel: MnTunnel, routes: MnRoutesPort, home_link: MnHomePort,
+                 send: Send, *, inner_mtu: int, trace: Trace = _no_trace) -> None:
+        self.bul = bul
+        self.tunnel = tunnel
+        self.routes = routes
+        self.home_link = home_link
+        self.send = send
+        self.inner_mtu = inner_mtu
+        self.trace = trace
+        self.hoa = bul.config.hoa
+        self.ha = bul.config.ha
+        self.location = Location("detached")
+        self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
+        self.counters: Counter[str] = Counter()
+        self._moved_at: float | None = None
+        self._attempt: _Attempt | None = None
+
+    # --- inputs ---
+
+    def moved(self, location: Location, now: float) -> None:
+        """Movement detection's verdict (RFC 6275 11.5.1). Only a change of link or address is a
+        movement; a detached node keeps its binding and waits."""
+        old = self.location
+        if (location.kind, location.interface, location.coa) == (old.kind, old.interface, old.coa):
+            return
+        self.location = location
+        self.counters["movements"] += 1
+        self.trace("movement", {"detail": f"{old.kind} -> {location.kind}", "kind": location.kind,
+                                "interface": location.interface, "coa": _text(location.coa),
+                                "gateway": location.gateway})
+        if location.kind == "detached":
+            return
+        self._moved_at = now
+        if location.kind == "home":
+            self.routes.home()  # before the de-registration: it leaves by the home link (11.5.5)
+            self.home_link.enter(location.interface or "", location.gateway or str(self.ha), self.inner_mtu)
+            self._apply(self.bul.movement(self.hoa, now), now)
+        else:
+            self.home_link.leave()
+            self.routes.away(str(self.hoa), str(self.ha), location.interface or "", location.gateway,
+                             self.inner_mtu)
+            self._apply(self.bul.movement(location.coa, now), now)  # type: ignore[arg-type]
+
+    def received(self, message: MobilityMessage | UnknownMessage, src: IPv6Address, dst: IPv6Address,
+                 now: float) -> None:
+        """A Mobility Header message that came through the engine (authenticated by its SA)."""
+        if src != self.ha or dst != self.hoa:
+            self._ignored(message, src, f"not HA -> HoA ({src} -> {dst})")
+            return
+        if isinstance(message, BindingAck):
+            self.counters["ba_received"] += 1
+            self.trace("ba-received", {"seq": message.seq, "status": int(message.status),
+                                       "lifetime": message.lifetime_seconds,
+                                       "detail": f"status {int(message.status)} lifetime {message.lifetime_seconds}"})
+            result = self.bul.handle_binding_ack(message, now)
+            self._close_attempt(message, result, now)
+            self._apply(result, now)
+        elif isinstance(message, BindingRefreshRequest):
+            self.counters["brr_received"] += 1
+            self.trace("brr-received", {})
+            self._apply(self.bul.handle_binding_refresh_request(now), now)
+        elif isinstance(message, BindingErrorMessage):
+            self.counters["be_received"] += 1
+            self.trace("be-received", {"status": int(message.status), "detail": f"status {int(message.status)}"})
+            self._apply(self.bul.handle_binding_error(message, now), now)
+        else:
+            self._ignored(message, src, "not a BA, BRR or BE")
+
+    def next_timer(self) -> float | None:
+        return self.bul.next_timer()
+
+    def handle_timer(self, now: float) -> None:
+        self._apply(self.bul.handle_timer(now), now)
+
+    # --- outputs ---
+
+    def _apply(self, result: MnResult, now: float) -> None:
+        for out in result.messages:
+            self._send_bu(out, now)
+        for ev in result.events:
+            self._event(ev)
+
+    def _send_bu(self, out: OutgoingBindingUpdate, now: float) -> None:
+        if out.udp_to is not None:  # RFC 5555 UDP/IPv4: not carried by this tunnel interface
+            self.counters["bu_unsendable"] += 1
+            self.trace("error", {"detail": f"BU from IPv4 care-of address {out.src} needs DSMIPv6 UDP"})
+            return
+        coa = IPv6Address(out.src)
+        self._track_attempt(out, coa, now)
+        if out.home_address_option:
+            self.tunnel.expect_binding_update(coa)  # right before the send: the heuristic locks on it
+        self.send(out.bu, out.ha, out.hoa)
+        self.counters["bu_sent"] += 1
+        self.trace("bu-sent", {"seq": out.bu.seq, "coa": str(coa), "lifetime": out.bu.lifetime_seconds,
+                               "detail": f"coa {coa} lifetime {out.bu.lifetime_seconds}"})
+
+    def _track_attempt(self, out: OutgoingBindingUpdate, coa: IPv6Address, now: float) -> None:
+        attempt = self._attempt
+        if attempt is not None and attempt.coa == coa and self._moved_at is None:
+            attempt.bus += 1
+            attempt.last_bu, attempt.seq = now, out.bu.seq
+            return
+        kind = "deregister" if out.bu.lifetime == 0 else ("move" if self._moved_at is not None else "refresh")
+        self._attempt = _Attempt(kind, coa, self._moved_at, now, out.bu.seq)
+        self._moved_at = None
+
+    def _close_attempt(self, ba: BindingAck, result: MnResult, now: float) -> None:
+        final = (Registered, MnBindingRefreshed, ReturnedHome, RegistrationFailed)
+        if self._attempt is None or not any(isinstance(e, final) for e in result.events):
+            return
+        self.history.append(self._attempt.result(int(ba.status), ba.seq, now))
+        self._attempt = None
+
+    def _event(self, ev: object) -> None:
+        if isinstance(ev, Registered):
+            self.tunnel.binding_acknowledged(ev.coa)  # Req #3: data moves to the new CoA now
+            self.trace("registered", {"coa": str(ev.coa), "lifetime": ev.lifetime,
+                                      "detail": f"coa {ev.coa} lifetime {ev.lifetime} (was {ev.previous_coa})"})
+        elif isinstance(ev, ReturnedHome):
+            self.tunnel.returned_home()
+            self.trace("returned-home", {"detail": f"HoA {ev.hoa} used on the home link"})
+        elif isinstance(ev, StateChanged):
+            self.trace("state", {"detail": f"{ev.old.value} -> {ev.new.value} ({ev.input.value})"})
+        else:
+            self.trace(_EVENT_NAMES.get(type(ev), "event"), {"detail": _describe(ev)})
+
+    def _ignored(self, message: object, src: IPv6Address, why: str) -> None:
+        self.counters["mh_ignored"] += 1
+        self.trace("mh-ignored", {"detail": f"{type(message).__name__} from {src}: {why}"})
+
+    # --- status ---
+
+    def status(self, now: float) -> dict[str, Any]:
+        bul = self.bul
+        out = bul.outstanding
+        binding = bul.binding
+        loc = self.location
+        return {
+            "role": "mn",
+            "hoa": str(self.hoa),
+            "ha": str(self.ha),
+            "location": {"kind": loc.kind, "interface": loc.interface, "coa": _text(loc.coa),
+                         "gateway": loc.gateway},
+            "bul": {
+                "state": bul.state.value,
+                "coa": _text(bul.coa),
+                "next_seq": bul.next_seq,
+                "outstanding": None if out is None else {"seq": out.seq, "lifetime": out.lifetime_seconds},
+                "binding": None if binding is None else {
+                    "coa": str(binding.coa),
+                    "lifetime": binding.lifetime,
+                    "expires_in": round(binding.expires - now, 3),
+                    "refresh_in": round(binding.refresh_at - now, 3),
+                },
+                "next_timer_in": None if bul.next_timer() is None else round(bul.next_timer() - now, 3),  # type: ignore[operator]
+            },
+            "history": list(self.history),
+            "counters": dict(self.counters),
+            "tunnel": self.tunnel.status(),
+        }
+
+
+_EVENT_NAMES: dict[type, str] = {
+    MnBindingRefreshed: "refreshed",
+    RegistrationFailed: "registration-failed",
+    BindingAckTimeout: "ba-timeout",
+    BindingExpired: "binding-expired",
+    BindingLost: "binding-lost",
+    SequenceResynchronized: "seq-resync",
+    MessageIgnored: "mh-ignored",
+}
+
+
+def _describe(ev: object) -> str:
+    fields = getattr(ev, "__dataclass_fields__", {})
+    parts = []
+    for name in fields:
+        value = getattr(ev, name)
+        parts.append(f"{name} {getattr(value, 'value', value)}")
+    return ", ".join(parts)
+
+
+def _text(addr: object) -> str | None:
+    return None if addr is None else str(addr)
+
+
+# --- home agent ------------------------------------------------------------------------------------------
+
+
+class HaRoutesPort(Protocol):
+    """``mobility.io.routes.HaRoutes``."""
+
+    def apply(self, events: Sequence[object]) -> None: ...
+
+
+class HaHomePort(Protocol):
+    """``mobility.io.homelink.HaHomeLink``."""
+
+    def enter(self, hoa: str | IPv6Address) -> None: ...
+
+    def forget(self, hoa: str | IPv6Address) -> None: ...
+
+    def is_home(self, hoa: str | IPv6Address) -> bool: ...
+
+    def suspended(self, hoa: str | IPv6Address) -> AbstractContextManager[None]: ...
+
+
+class HomeAgent:
+    """A home agent's mobility module (RFC 6275 section 10) over the tunnel interface.
+
+    ``mobile_nodes``: HoAs served while they are at home (their traffic keeps going through the
+    engine before their first registration); a HoA whose binding ends is at home again too.
+    """
+
+    def __init__(self, cache: BindingCache, table: BindingTable, tunnel: HaTunnel, routes: HaRoutesPort,
+                 home_link: HaHomePort, send: Send, *, address: IPv6Address,
+                 mobile_nodes: Iterable[IPv6Address] = (), trace: Trace = _no_trace) -> None:
+        self.cache = cache
+        self.table = table
+        self.tunnel = tunnel
+        self.routes = routes
+        self.home_link = home_link
+        self.send = send
+        self.address = IPv6Address(address)
+        self.mobile_nodes = tuple(IPv6Address(a) for a in mobile_nodes)
+        self.trace = trace
+        self.counters: Counter[str] = Counter()
+        self.statuses: Counter[int] = Counter()  # BAs sent per status
+
+    def start(self) -> None:
+        """Every served mobile node starts at home (until it registers)."""
+        for hoa in self.mobile_nodes:
+            self._at_home(hoa)
+
+    # --- inputs ---
+
+    def received(self, message: MobilityMessage | UnknownMessage, src: IPv6Address, dst: IPv6Address,
+                 now: float) -> None:
+        """A Mobility Header message that came through the engine: its source is the HoA (the
+        tunnel module swapped the Home Address option in before IPsec)."""
+        if not isinstance(message, BindingUpdate) or dst != self.address:
+            self.counters["mh_ignored"] += 1
+            self.trace("mh-ignored", {"detail": f"{type(message).__name__} {src} -> {dst}"})
+            return
+        self._binding_update(message, src, now)
+
+    def next_timer(self) -> float | None:
+        return self.cache.next_timer()
+
+    def handle_timer(self, now: float) -> None:
+        events = self.cache.handle_timer(now)
+        self._apply(events)
+        self._rehome(events)
+
+    # --- Binding Updates (RFC 6275 10.3) ---
+
+    def _binding_update(self, bu: BindingUpdate, hoa: IPv6Address, now: float) -> None:
+        alt = find_option(bu.options, AlternateCareOfAddress)
+        seen = self.tunnel.seen_coa(hoa)
+        self.counters["bu_received"] += 1
+        self.trace("bu-received", {
+            "seq": bu.seq, "hoa": str(hoa), "coa": _text(alt.coa if alt else None),
+            "seen": None if seen is None else str(IPv6Address(seen)), "lifetime": bu.lifetime_seconds,
+            "detail": f"hoa {hoa} coa {alt.coa if alt else '-'} lifetime {bu.lifetime_seconds}"})
+        ack, events = self.cache.handle_binding_update(bu, hoa=hoa, src=hoa, now=now)
+        self._apply(events)  # table and routes before the BA: a BA to a new CoA uses them
+        if ack is not None:
+            self._send_ack(ack, bu, hoa, alt.coa if alt else (IPv6Address(seen) if seen else None))
+        self._rehome(events)  # after a de-registration's BA: it must not enter the tunnel
+
+    def _send_ack(self, ack: BindingAck, bu: BindingUpdate, hoa: IPv6Address, coa: IPv6Address | None) -> None:
+        """RFC 6275 9.5.4: to the BU's care-of address (through the tunnel module, which adds the
+        type 2 routing header), or -- from a mobile node at home -- by the home link."""
+        away = bu.lifetime > 0 and coa is not None and coa != hoa
+        if away:
+            self.tunnel.expect_binding_ack(hoa, coa)  # type: ignore[arg-type]
+            self.send(ack, hoa, self.address)
+        else:
+            with self.home_link.suspended(hoa):
+                self.send(ack, hoa, self.address)
+        self.counters["ba_sent"] += 1
+        self.statuses[int(ack.status)] += 1
+        self.trace("ba-sent", {"seq": ack.seq, "hoa": str(hoa), "status": int(ack.status),
+                               "lifetime": ack.lifetime_seconds, "coa": _text(coa if away else hoa),
+                               "detail": f"status {int(ack.status)} to {coa if away else hoa} "
+                                         f"lifetime {ack.lifetime_seconds}"})
+
+    def _apply(self, events: Sequence[object]) -> None:
+        for ev in events:
+            if isinstance(ev, BindingCreated):
+                self.home_link.forget(ev.hoa)  # HaRoutes.bind keeps the same route in place
+        self.table.apply(events)
+        self.routes.apply(events)
+        for ev in events:
+            self._event(ev)
+
+    def _rehome(self, events: Sequence[object]) -> None:
+        for ev in events:
+            if isinstance(ev, BindingDeleted):
+                self._at_home(ev.hoa)
+
+    def _at_home(self, hoa: IPv6Address) -> None:
+        self.table.set(hoa, hoa)  # the tunnel module's ESP for the HoA goes to the HoA itself
+        self.home_link.enter(hoa)
+
+    def _event(self, ev: object) -> None:
+        if isinstance(ev, BindingCreated):
+            self.trace("binding-created", _entry_fields(ev.entry, f"{ev.hoa} at {ev.coa}"))
+        elif isinstance(ev, BindingUpdated):
+            self.trace("binding-updated", _entry_fields(ev.entry, f"{ev.hoa} {ev.old_coa} -> {ev.new_coa}"))
+        elif isinstance(ev, BindingRefreshed):
+            self.trace("binding-refreshed", _entry_fields(ev.entry, f"{ev.hoa} at {ev.coa}"))
+        elif isinstance(ev, BindingDeleted):
+            self.trace("binding-deleted", _entry_fields(ev.entry, f"{ev.hoa} ({ev.reason.value})"))
+        elif isinstance(ev, BindingUpdateRejected):
+            self.counters["bu_rejected"] += 1
+            self.trace("bu-rejected", {"hoa": str(ev.hoa), "status": ev.status,
+                                       "detail": f"status {ev.status}: {ev.detail}"})
+        elif isinstance(ev, BindingUpdateDiscarded):
+            self.counters["bu_discarded"] += 1
+            self.trace("bu-discarded", {"hoa": str(ev.hoa), "detail": ev.reason.value})
+        elif isinstance(ev, SendBindingRefreshRequest):
+            self.send(ev.message, ev.hoa, self.address)
+            self.counters["brr_sent"] += 1
+            self.trace("brr-sent", {"hoa": str(ev.hoa), "coa": str(ev.coa)})
+
+    # --- status ---
+
+    def status(self, now: float) -> dict[str, Any]:
+        return {
+            "role": "ha",
+            "address": str(self.address),
+            "bindings": [_entry_status(e, now) for e in self.cache.entries()],
+            "at_home": sorted(str(h) for h in self.mobile_nodes if self.home_link.is_home(h)),
+            "counters": dict(self.counters),
+            "ba_status": {str(k): v for k, v in sorted(self.statuses.items())},
+            "tunnel": self.tunnel.status(),
+        }
+
+
+def _entry_fields(entry: BindingCacheEntry, detail: str) -> dict[str, Any]:
+    return {"hoa": str(entry.hoa), "coa": str(entry.coa), "seq": entry.seq,
+            "lifetime": entry.lifetime_seconds, "detail": detail}
+
+
+def _entry_status(entry: BindingCacheEntry, now: float) -> dict[str, Any]:
+    return {
+        "hoa": str(entry.hoa),
+        "coa": str(entry.coa),
+        "seq": entry.seq,
+        "state": entry.state.value,
+        "lifetime": entry.lifetime_seconds,
+        "remaining": round(entry.remaining(now), 3),
+        "registered_at": entry.registered_at,
+        "flags": int(entry.flags),
+    }
+
+
+__all__ = ["HISTORY", "HomeAgent", "Location", "MobileNode", "Send", "Trace"]
