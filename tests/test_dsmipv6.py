@@ -210,6 +210,7 @@ class World:
         self.hold_to_mn = False
         self.held: list[tuple[bytes, Ipv4Path]] = []
         self.lost_to_mn = 0
+        self.frames: list[bytes] = []  # every IPv4 packet as it would be on the HA's link
 
     # -- MN -> HA ---------------------------------------------------------------------------------------------
 
@@ -224,10 +225,12 @@ class World:
         if path.encap is Encap.UDP:
             assert path.port == DSMIPV6_PORT
             src, sport = self.nat.outbound(path.src, MN_PORT)
+            self.frames.append(push_udp4(src, sport, HA4, DSMIPV6_PORT, esp))
             got = self.ha.inbound_udp(esp, src, sport, self.now)
         else:
             assert path.src not in self.nat.inside  # a NAT would have dropped protocol 41
-            got = self.ha.inbound_ipip(push_ipip(path.src, HA4, esp), self.now)
+            self.frames.append(push_ipip(path.src, HA4, esp))
+            got = self.ha.inbound_ipip(self.frames[-1], self.now)
         if isinstance(got, bytes):
             self.ha_receive(got)
 
@@ -264,6 +267,8 @@ class World:
             self.held.append((esp, path))
             return
         self.to_mn_log.append((self.now, path, int.from_bytes(esp[40:44], "big")))
+        self.frames.append(push_udp4(HA4, DSMIPV6_PORT, path.dst, path.port, esp) if path.encap is Encap.UDP
+                           else push_ipip(HA4, path.dst, esp))
         if path.encap is Encap.UDP:
             back = self.nat.inbound(path.dst, path.port)
             if back is None or back != (back[0], MN_PORT):
