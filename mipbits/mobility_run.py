@@ -615,7 +615,7 @@ class NodeRuntime:
     def _build_ha(self, stack: contextlib.ExitStack, s: HaSettings, classifier: Any) -> None:
         assert self.tun is not None
         table = BindingTable()
-        self.tunnel = HaTunnel(s.address, table.lookup, classifier, path_mtu=s.path_mtu,
+        self.tunnel = HaTunnel(s.address, table, classifier, path_mtu=s.path_mtu,
                                inner_mtu=self.plan.inner_mtu, tracing=self.trace.on)
         routes = HaRoutes(self.tun.name, s.home_interface, announce=send_unsolicited_na)
         stack.callback(_safe(routes.cleanup, "routes"))
