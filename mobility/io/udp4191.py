@@ -10,7 +10,8 @@ Thin adapters around ``MnTunnel`` / ``HaTunnel`` (``mobility.tunnel``, decisions
   records before IPsec. IPv4 fragmentation is allowed (``IP_PMTUDISC_DONT``): the packets inside
   are the engine's ESP, which nobody on the path could shorten.
 * ``IpipSocket`` -- a raw IPv4 socket of protocol 41 (IPv6-in-IPv4, used for data when there is
-  no NAT and no F flag). It reads whole IPv4 packets; sending, the kernel adds the header.
+  no NAT and no F flag). It reads whole IPv4 packets; sending, the kernel adds the header. The HA
+  binds it to its IPv4 address, like its UDP socket, so that the MN sees the address it expects.
 * ``RouteSender`` -- ``send(packet, route)`` for ``mobility.io.tun.pump``: an ``Ipv4Path`` goes
   to the socket it names, anything else to the IPv6 ``PacketSender``. Errors are counted by errno
   name, never raised into the loop.
@@ -110,12 +111,16 @@ class UdpTunnelSocket(_Ipv4Socket):
 
 
 class IpipSocket(_Ipv4Socket):
-    """Raw IPv4 socket of protocol 41 (IPv6-in-IPv4, RFC 4213 3.5), non-blocking."""
+    """Raw IPv4 socket of protocol 41 (IPv6-in-IPv4, RFC 4213 3.5), non-blocking. The HA binds it
+    to its IPv4 address (``address``): its packets must come from the address the MN knows, not
+    from whatever address the route to the MN would pick (the MN checks, ``MnTunnel.inbound_ipip``)."""
 
-    def __init__(self, *, mark: int = SEND_MARK) -> None:
+    def __init__(self, address: str | None = None, *, mark: int = SEND_MARK) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, IPPROTO_IPV6_IN_IPV4)
         try:
             self._setup(mark)
+            if address is not None:
+                self.sock.bind((address, 0))
         except BaseException:
             self.sock.close()
             raise
