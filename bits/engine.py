@@ -14,12 +14,12 @@ from typing import Any
 from .constants import Action, Direction, IpProto
 from .errors import ParseError
 from .esp import SaLifetimeEvent, SecurityAssociation, flush_all, peek_spi_seq
-from .ip import IpInfo, pull_ip, pull_selectors, selectors_from_info
+from .ip import pull_esp_quick, pull_ip, pull_selectors, selectors_from_info
 from .sa import SaParams
 from .sad import PolicyDb
 from .seqstore import SeqReserver
 from .setkey import IpsecConfig
-from .spd import Level
+from .spd import Level, PolicyStats
 from .trace import Tracer, TraceEventName
 from .transforms import Rand
 from .verdict import Drop, DropReason
@@ -27,6 +27,10 @@ from .verdict import Drop, DropReason
 _ESP = IpProto.ESP.value
 _BYPASS, _DISCARD, _PROTECT = Action.BYPASS, Action.DISCARD, Action.PROTECT
 _OUT, _IN = Direction.OUT, Direction.IN
+_from_bytes = int.from_bytes
+#: Bound of the inbound selector-check cache ((SA, inner selectors) -> matching policy's counters);
+#: a full cache is flushed, which costs one policy walk per live flow.
+CHECK_CACHE_SIZE = 4096
 
 
 class Engine:
@@ -39,6 +43,10 @@ class Engine:
         self.counts = {"out_protected": 0, "out_bypass": 0, "in_decapsulated": 0, "in_bypass": 0}
         self.events: list[SaLifetimeEvent] = []
         self.on_event: Callable[[SaLifetimeEvent], None] | None = None
+        # inbound: (SA, inner selectors) -> counters of the policy they match, or None (mismatch);
+        # valid for one (policy db, SPD generation, SAD generation), see _check_inbound
+        self._checks: dict[tuple[SecurityAssociation, Any], PolicyStats | None] = {}
+        self._checks_for: tuple[Any, int, int] | None = None
 
     # --- outbound (RFC 4301 section 5.1) --------------------------------------------------------------
 
@@ -76,10 +84,15 @@ class Engine:
     # --- inbound (RFC 4301 section 5.2) ---------------------------------------------------------------
 
     def process_inbound(self, packet: bytes, now: float) -> bytes | Drop:
+        quick = pull_esp_quick(packet)  # the common case: ESP right after a plain IP header
+        if quick is not None:
+            return self._inbound_esp(packet, quick[0], quick[1], quick[2], quick[3], now)
         try:
             info = pull_ip(packet)
             if info.proto == _ESP:
-                return self._inbound_esp(packet, info, now)
+                off = info.l4_offset
+                spi, seq = peek_spi_seq(packet, off)
+                return self._inbound_esp(packet, off, _from_bytes(info.dst, "big"), spi, seq, now)
             sel = selectors_from_info(packet, info)
         except ParseError as exc:
             return self._drop(Drop(DropReason.MALFORMED, detail=str(exc)), _IN, packet)
@@ -92,10 +105,10 @@ class Engine:
         # RFC 4301 5.2 step 3a: cleartext that policy says must arrive protected
         return self._drop(Drop(DropReason.CLEARTEXT_PROTECTED, detail=entry.name), _IN, packet)
 
-    def _inbound_esp(self, packet: bytes, info: IpInfo, now: float) -> bytes | Drop:
-        off = info.l4_offset
-        spi, seq = peek_spi_seq(packet, off)
-        sa = self.policy.sad.get_inbound(spi, int.from_bytes(info.dst, "big"))
+    def _inbound_esp(self, packet: bytes, off: int, dst: int, spi: int, seq: int, now: float) -> bytes | Drop:
+        """ESP at ``off`` for outer destination ``dst`` (an int): SAD, decapsulation, then the
+        inner packet against the SA's policies (RFC 4301 section 5.2 steps 3b-5)."""
+        sa = self.policy.sad.get_inbound(spi, dst)
         if sa is None:
             return self._drop(Drop(DropReason.UNKNOWN_SPI, spi, seq), _IN, packet)
         inner = sa.decapsulate(packet, off, now)
@@ -107,12 +120,47 @@ class Engine:
             sel = pull_selectors(inner)  # type: ignore[arg-type]
         except ParseError as exc:
             return self._drop(Drop(DropReason.MALFORMED, spi, seq, f"inner: {exc}"), _IN, packet)
-        if not self.policy.check_inbound(sa, sel):
+        if not self._check_inbound(sa, sel):
             return self._drop(Drop(DropReason.SELECTOR_MISMATCH, spi, seq), _IN, packet, inner=inner)
         self.counts["in_decapsulated"] += 1
         if self.tracer.wants_all:
             self._trace(TraceEventName.DECAP, _IN, inner, outer=packet, spi=spi, seq=seq)  # type: ignore[arg-type]
         return inner  # type: ignore[return-value]
+
+    def _check_inbound(self, sa: SecurityAssociation, sel: Any) -> bool:
+        """``self.policy.check_inbound(sa, sel)`` with its answer cached per (SA, selectors).
+
+        A hit counts the matching policy's hit as ``check_inbound`` does; the cache is flushed
+        when the policy database is replaced or its SPD or SAD changes (their generations)."""
+        policy = self.policy
+        spd, sad = policy.spd, policy.sad
+        valid = self._checks_for
+        if valid is None or valid[0] is not policy or valid[1] != spd.generation or valid[2] != sad.generation:
+            self._checks.clear()
+            self._checks_for = (policy, spd.generation, sad.generation)
+        key = (sa, sel)
+        try:
+            stats = self._checks[key]
+        except KeyError:
+            return self._check_inbound_miss(sa, sel, key)
+        if stats is None:
+            return False
+        stats.hits += 1
+        return True
+
+    def _check_inbound_miss(self, sa: SecurityAssociation, sel: Any, key: tuple[Any, Any]) -> bool:
+        """First packet of a flow on this SA: ask the policy database (which counts the hit) and
+        remember which policy matched (the first of the SA's IN policies in SPD order)."""
+        policy = self.policy
+        ok = policy.check_inbound(sa, sel)
+        stats = None
+        if ok:
+            entry = next(e for e in policy.inbound_policies(sa) if e.selector.matches(sel, False))
+            stats = policy.spd.stats(entry.name)
+        if len(self._checks) >= CHECK_CACHE_SIZE:
+            self._checks.clear()
+        self._checks[key] = stats
+        return ok
 
     # --- timers and events ----------------------------------------------------------------------------
 

@@ -16,12 +16,23 @@ _V4_FIXED = struct.Struct("!BBHHHBBH4s4s")
 _V6_FIXED = struct.Struct("!IHBB16s16s")
 _PORTS = struct.Struct("!HH")
 _H = struct.Struct("!H")
+# Fast paths (see pull_selectors): the fixed header and the first four octets after it, read in
+# one call. IPv4: version/IHL, Total Length, flags/Fragment Offset, Protocol, addresses as ints.
+# IPv6: Payload Length, Next Header, addresses.
+_unpack_v4_quick = struct.Struct("!BxHxxHxBxxIIHH").unpack_from
+_unpack_v6_quick = struct.Struct("!4xHBx16s16sHH").unpack_from
+_unpack_v4_esp = struct.Struct("!BxHxxHxBxxIIII").unpack_from
+_unpack_v6_esp = struct.Struct("!4xHBx16s16sII").unpack_from
+_tuple_new = tuple.__new__
+_from_bytes = int.from_bytes
 
 _HOPOPT, _ROUTING, _FRAGMENT, _DSTOPTS = 0, 43, 44, 60
 _TCP, _UDP, _SCTP, _UDPLITE = 6, 17, 132, 136
 _ICMP, _ICMPV6, _MH = 1, 58, 135
 _HOME_ADDRESS_OPTION = 201  # RFC 6275 section 6.3
 _PORT_PROTOS = frozenset({_TCP, _UDP, _SCTP, _UDPLITE})
+_V6_EXTENSIONS = frozenset({_HOPOPT, _ROUTING, _FRAGMENT, _DSTOPTS})
+_ESP = 50
 
 
 class PacketSelectors(NamedTuple):
@@ -135,9 +146,54 @@ def _dstopts_before_esp(packet: bytes, off: int, hlen: int) -> bool:
 
 
 def pull_selectors(packet: bytes) -> PacketSelectors:
-    """Selector values of ``packet`` for an SPD lookup. Raises ParseError."""
+    """Selector values of ``packet`` for an SPD lookup. Raises ParseError.
+
+    Hot path. IPv4 without options that is not a non-initial fragment, and IPv6 whose Next Header
+    is not an extension header, are read with one ``unpack_from`` (the answer is the one
+    ``selectors_from_info(packet, pull_ip(packet))`` gives, which handles everything else)."""
+    n = len(packet)
+    if n >= 24 and packet[0] == 0x45:
+        _, total, frag, proto, src, dst, w1, w2 = _unpack_v4_quick(packet)
+        if 20 <= total <= n and not frag & 0x1FFF:
+            if proto in _PORT_PROTOS:
+                return _tuple_new(PacketSelectors, (4, src, dst, proto, w1, w2, None, None, None))
+            return _quick_selectors(4, src, dst, proto, w1, w2)
+    elif n >= 44 and packet[0] >> 4 == 6:
+        plen, nh, src, dst, w1, w2 = _unpack_v6_quick(packet)
+        if 40 + plen <= n and nh not in _V6_EXTENSIONS:
+            src, dst = _from_bytes(src, "big"), _from_bytes(dst, "big")
+            if nh in _PORT_PROTOS:
+                return _tuple_new(PacketSelectors, (6, src, dst, nh, w1, w2, None, None, None))
+            return _quick_selectors(6, src, dst, nh, w1, w2)
     info = pull_ip(packet)
     return selectors_from_info(packet, info)
+
+
+def _quick_selectors(version: int, src: int, dst: int, proto: int, w1: int, w2: int) -> PacketSelectors:
+    """The fast paths' selectors for a protocol without ports; ``w1``, ``w2``: the first four
+    octets of the next-layer header (the packet is long enough for each of them)."""
+    if proto == _ICMP or proto == _ICMPV6:
+        return _tuple_new(PacketSelectors, (version, src, dst, proto, None, None, w1 >> 8, w1 & 0xFF, None))
+    if proto == _MH:
+        return _tuple_new(PacketSelectors, (version, src, dst, proto, None, None, None, None, w2 >> 8))
+    return _tuple_new(PacketSelectors, (version, src, dst, proto, None, None, None, None, None))
+
+
+def pull_esp_quick(packet: bytes) -> tuple[int, int, int, int] | None:
+    """``(esp_offset, destination as int, SPI, sequence number)`` when ``packet`` is IPv4 without
+    options or IPv6 without extension headers, carries ESP and holds the whole ESP header; None
+    otherwise (then ``pull_ip`` decides). Hot path of inbound processing; what it accepts,
+    ``pull_ip`` parses the same way (``l4_offset``, ``dst``) and without error."""
+    n = len(packet)
+    if n >= 28 and packet[0] == 0x45:
+        _, total, _frag, proto, _src, dst, spi, seq = _unpack_v4_esp(packet)
+        if proto == _ESP and 20 <= total <= n:
+            return 20, dst, spi, seq
+    elif n >= 48 and packet[0] >> 4 == 6:
+        plen, nh, _src, dst, spi, seq = _unpack_v6_esp(packet)
+        if nh == _ESP and 40 + plen <= n:
+            return 40, _from_bytes(dst, "big"), spi, seq
+    return None
 
 
 def selectors_from_info(packet: bytes, info: IpInfo) -> PacketSelectors:
@@ -232,6 +288,7 @@ __all__ = [
     "PacketSelectors",
     "fix_ipv4_header",
     "ipv4_checksum",
+    "pull_esp_quick",
     "pull_ip",
     "pull_selectors",
     "push_ipv4_header",
