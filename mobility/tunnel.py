@@ -254,6 +254,11 @@ def _packed4(dotted: str) -> bytes:
     return ipaddress.IPv4Address(dotted).packed
 
 
+def _outer_text(src: str, sport: int) -> str:
+    """Trace text of where a packet came from: ``udp ADDR:PORT`` or (port 0) ``ipip ADDR``."""
+    return f"udp {src}:{sport}" if sport else f"ipip {src}"
+
+
 # --- packet views and builders --------------------------------------------------------------------------
 
 
@@ -951,7 +956,7 @@ class MnTunnel(_TunnelBase):
         ESP from the wire -- or a counted drop."""
         if src != self.ha_ipv4 or sport != DSMIPV6_PORT:
             return self._in_drop(TunnelDrop.WRONG_PEER, f"udp {src}:{sport}")
-        return self._from_ha(payload, "udp", src, sport)
+        return self._from_ha(payload, src, sport)
 
     def inbound_ipip(self, packet: bytes, now: float) -> bytes | TunnelDrop:
         """An IPv4 packet of protocol 41 (what a raw socket reads, IPv4 header included) from the
@@ -962,16 +967,17 @@ class MnTunnel(_TunnelBase):
             return self._in_drop(TunnelDrop.MALFORMED, "ipip")
         if outer.src != self.ha_ipv4:
             return self._in_drop(TunnelDrop.WRONG_PEER, f"ipip {outer.src}")
-        return self._from_ha(outer.payload, "ipip", outer.src, 0)
+        return self._from_ha(outer.payload, outer.src, 0)
 
-    def _from_ha(self, payload: bytes, encap: str, src: str, sport: int) -> bytes | TunnelDrop:
+    def _from_ha(self, payload: bytes, src: str, sport: int) -> bytes | TunnelDrop:
+        """The checks common to UDP (``sport``) and IPv6-in-IPv4 (0): HA -> HoA, ESP."""
         view = inner_esp(payload, self.ha, self.hoa)
         if view.__class__ is not EspView:
-            return self._in_drop(view, f"{encap} {src}:{sport}" if sport else f"{encap} {src}")  # type: ignore[arg-type]
+            return self._in_drop(view, _outer_text(src, sport))  # type: ignore[arg-type]
         self.counts["in_decap"] += 1
         if self.tracing:
-            outer = f"{encap} {src}:{sport}" if sport else f"{encap} {src}"
-            self._trace("in", Kind.DECAP, None, view.spi, self.hoa, self.coa, outer=outer)  # type: ignore[union-attr]
+            self._trace("in", Kind.DECAP, None, view.spi, self.hoa, self.coa,  # type: ignore[union-attr]
+                        outer=_outer_text(src, sport))
         return payload
 
     def _our_rh2(self, packet: bytes, off: int, end: int) -> bool:

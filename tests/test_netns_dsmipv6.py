@@ -146,8 +146,11 @@ def say(**kw):
 def entry_dict(e):
     if e is None:
         return None
-    return {"coa": str(e.coa), "udp_source": None if e.udp_source is None else [str(e.udp_source.address), e.udp_source.port],
-            "nat": e.nat_detected, "udp_encap": e.udp_encap, "seq": e.seq}
+    return {"coa": str(e.coa), "udp_source": endpoint(e.udp_source), "nat": e.nat_detected,
+            "udp_encap": e.udp_encap, "seq": e.seq}
+
+def endpoint(ep):
+    return None if ep is None else [str(ep.address), ep.port]
 
 plan = tunnel_mtus(1500, esp_shape(EncAlg.AES_GCM_16), reserve=DSMIPV6_RESERVE)
 queries = control_queries(control)  # heuristic mode: a path that does not exist, and never asked
@@ -241,7 +244,7 @@ try:
                 table.apply(events)
                 routes.apply(events)  # the HoA route before the BA: the BA goes through the tunnel
                 alt = find_option(bu.options, AlternateCareOfAddress)
-                say(event="bu", seq=bu.seq, udp_source=None if udp_source is None else [str(udp_source.address), udp_source.port],
+                say(event="bu", seq=bu.seq, udp_source=endpoint(udp_source),
                     entry=entry_dict(cache.lookup(got.src)), status=None if ack is None else int(ack.status),
                     events=[type(e).__name__ for e in events])
                 if ack is not None:
@@ -322,7 +325,9 @@ ha4, captured = sys.argv[1], bytes.fromhex(sys.argv[2])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(("0.0.0.0", 5555))
 unknown = bytearray(captured); unknown[40:44] = (0xDEAD).to_bytes(4, "big")
-forged = bytearray(captured); forged[44:48] = (int.from_bytes(captured[44:48], "big") + 1000).to_bytes(4, "big"); forged[-1] ^= 1
+forged = bytearray(captured)
+forged[44:48] = (int.from_bytes(captured[44:48], "big") + 1000).to_bytes(4, "big")  # ahead of the window
+forged[-1] ^= 1  # and the ICV broken
 for payload in (os.urandom(80), captured[:45], b"\xff", bytes(unknown), captured, bytes(forged)):
     s.sendto(payload, (ha4, 4191))
 print("sent", flush=True)
