@@ -34,7 +34,7 @@ closed) with status 1.
                                      #   mobile node at home is only protected after a binding)
     max_lifetime = 3600              # the HA's cap on a binding, seconds
     max_bindings = 1024
-    table = 202                      # routing table of the home link for marked packets
+    table = 202                      # routing table of packets forwarded to served HoAs (into the TUN)
 
 Both: ``mode = "api" | "heuristic"`` (``--mode`` wins), ``tun = "mip6tnl"``, ``hook_queue = 7``,
 ``path_mtu = 1500``.
@@ -71,7 +71,7 @@ from mobility.bul import BindingUpdateList, MobileNodeConfig
 from mobility.errors import MobilityError
 from mobility.errors import ParseError as MhParseError
 from mobility.io.classify import control_queries
-from mobility.io.homelink import DEFAULT_HOME_TABLE, HaHomeLink, MnHomeLink
+from mobility.io.homelink import DEFAULT_HOME_TABLE, HaHomeLink, MnHomeLink, send_na
 from mobility.io.hook import DEFAULT_QUEUE, HookRules, InboundHook
 from mobility.io.mhsock import MhSocket, PacketSender
 from mobility.io.netlink import (
@@ -82,7 +82,7 @@ from mobility.io.netlink import (
     dump,
     locate,
 )
-from mobility.io.routes import HaRoutes, MnRoutes, send_unsolicited_na
+from mobility.io.routes import HaRoutes, MnRoutes
 from mobility.io.tun import DEFAULT_NAME as DEFAULT_TUN
 from mobility.io.tun import TunDevice, pump
 from mobility.mh import MobilityMessage
@@ -617,10 +617,12 @@ class NodeRuntime:
         table = BindingTable()
         self.tunnel = HaTunnel(s.address, table, classifier, path_mtu=s.path_mtu,
                                inner_mtu=self.plan.inner_mtu, tracing=self.trace.on)
-        routes = HaRoutes(self.tun.name, s.home_interface, announce=send_unsolicited_na)
+        # proxy NAs not looped back to ourselves (send_unsolicited_na's would teach the HA's own
+        # neighbour table that the HoA is at the HA's address)
+        routes = HaRoutes(self.tun.name, s.home_interface, announce=lambda iface, hoa: send_na(iface, hoa))
         stack.callback(_safe(routes.cleanup, "routes"))
         routes.setup()
-        home_link = HaHomeLink(self.tun.name, s.home_interface, s.home_prefix, table=s.table)
+        home_link = HaHomeLink(self.tun.name, s.home_interface, table=s.table)
         stack.callback(_safe(home_link.cleanup, "home routes"))
         home_link.setup()
         cache = BindingCache(HomeAgentConfig(

@@ -20,9 +20,9 @@ home agent
   BU:     ``cache.handle_binding_update``, the binding table and the routes updated *before*
           the BA is sent (the BA to a new care-of address goes through the tunnel);
           then ``tunnel.expect_binding_ack(hoa, coa)`` and the send. A BA to a mobile node at
-          home (a de-registration) leaves by the home link, never through the tunnel.
-  home:   a mobile node without a binding is "at home": its packets still go through the engine
-          (``mobility.io.homelink``), the binding table maps the HoA to itself.
+          home (a de-registration) is a local packet to the HoA: it leaves by the home link.
+  home:   a mobile node without a binding is "at home": packets forwarded to it still go through
+          the engine (``mobility.io.homelink``), the binding table maps the HoA to itself.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from __future__ import annotations
 import ipaddress
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -43,6 +42,7 @@ from .binding import (
     BindingUpdated,
     BindingUpdateDiscarded,
     BindingUpdateRejected,
+    DeleteReason,
     SendBindingRefreshRequest,
 )
 from .bul import (
@@ -105,6 +105,8 @@ class MnHomePort(Protocol):
     def enter(self, iface: str, gateway: str, mtu: int) -> None: ...
 
     def leave(self) -> None: ...
+
+    def announce(self, iface: str, address: str | IPv6Address) -> None: ...
 
 
 class _Attempt:
@@ -176,6 +178,7 @@ class MobileNode:
             self.home_link.leave()
             self.routes.away(str(self.hoa), str(self.ha), location.interface or "", location.gateway,
                              self.inner_mtu)
+            self.home_link.announce(location.interface or "", location.coa)  # type: ignore[arg-type]
             self._apply(self.bul.movement(location.coa, now), now)  # type: ignore[arg-type]
 
     def received(self, message: MobilityMessage | UnknownMessage, src: IPv6Address, dst: IPv6Address,
@@ -255,6 +258,8 @@ class MobileNode:
                                       "detail": f"coa {ev.coa} lifetime {ev.lifetime} (was {ev.previous_coa})"})
         elif isinstance(ev, ReturnedHome):
             self.tunnel.returned_home()
+            if self.location.kind == "home" and self.location.interface:
+                self.home_link.announce(self.location.interface, ev.hoa)  # RFC 6275 11.5.5
             self.trace("returned-home", {"detail": f"HoA {ev.hoa} used on the home link"})
         elif isinstance(ev, StateChanged):
             self.trace("state", {"detail": f"{ev.old.value} -> {ev.new.value} ({ev.input.value})"})
@@ -333,20 +338,17 @@ class HaRoutesPort(Protocol):
 class HaHomePort(Protocol):
     """``mobility.io.homelink.HaHomeLink``."""
 
-    def enter(self, hoa: str | IPv6Address) -> None: ...
+    def serve(self, hoa: str | IPv6Address) -> None: ...
 
-    def forget(self, hoa: str | IPv6Address) -> None: ...
-
-    def is_home(self, hoa: str | IPv6Address) -> bool: ...
-
-    def suspended(self, hoa: str | IPv6Address) -> AbstractContextManager[None]: ...
+    def arrived(self, hoa: str | IPv6Address) -> None: ...
 
 
 class HomeAgent:
     """A home agent's mobility module (RFC 6275 section 10) over the tunnel interface.
 
-    ``mobile_nodes``: HoAs served while they are at home (their traffic keeps going through the
-    engine before their first registration); a HoA whose binding ends is at home again too.
+    ``mobile_nodes``: HoAs served from the start, at home until they register (packets forwarded
+    to them go through the engine from the start); another HoA is served from its first binding on.
+    A HoA whose binding ends is at home again.
     """
 
     def __init__(self, cache: BindingCache, table: BindingTable, tunnel: HaTunnel, routes: HaRoutesPort,
@@ -367,7 +369,8 @@ class HomeAgent:
     def start(self) -> None:
         """Every served mobile node starts at home (until it registers)."""
         for hoa in self.mobile_nodes:
-            self._at_home(hoa)
+            self.home_link.serve(hoa)
+            self.table.set(hoa, hoa)  # the tunnel module re-sends forwarded packets to the engine
 
     # --- inputs ---
 
@@ -385,9 +388,7 @@ class HomeAgent:
         return self.cache.next_timer()
 
     def handle_timer(self, now: float) -> None:
-        events = self.cache.handle_timer(now)
-        self._apply(events)
-        self._rehome(events)
+        self._apply(self.cache.handle_timer(now))
 
     # --- Binding Updates (RFC 6275 10.3) ---
 
@@ -403,7 +404,6 @@ class HomeAgent:
         self._apply(events)  # table and routes before the BA: a BA to a new CoA uses them
         if ack is not None:
             self._send_ack(ack, bu, hoa, alt.coa if alt else (IPv6Address(seen) if seen else None))
-        self._rehome(events)  # after a de-registration's BA: it must not enter the tunnel
 
     def _send_ack(self, ack: BindingAck, bu: BindingUpdate, hoa: IPv6Address, coa: IPv6Address | None) -> None:
         """RFC 6275 9.5.4: to the BU's care-of address (through the tunnel module, which adds the
@@ -411,10 +411,7 @@ class HomeAgent:
         away = bu.lifetime > 0 and coa is not None and coa != hoa
         if away:
             self.tunnel.expect_binding_ack(hoa, coa)  # type: ignore[arg-type]
-            self.send(ack, hoa, self.address)
-        else:
-            with self.home_link.suspended(hoa):
-                self.send(ack, hoa, self.address)
+        self.send(ack, hoa, self.address)
         self.counters["ba_sent"] += 1
         self.statuses[int(ack.status)] += 1
         self.trace("ba-sent", {"seq": ack.seq, "hoa": str(hoa), "status": int(ack.status),
@@ -423,22 +420,16 @@ class HomeAgent:
                                          f"lifetime {ack.lifetime_seconds}"})
 
     def _apply(self, events: Sequence[object]) -> None:
-        for ev in events:
-            if isinstance(ev, BindingCreated):
-                self.home_link.forget(ev.hoa)  # HaRoutes.bind keeps the same route in place
         self.table.apply(events)
         self.routes.apply(events)
         for ev in events:
+            if isinstance(ev, BindingCreated):
+                self.home_link.serve(ev.hoa)  # a HoA not configured: served from now on
+            elif isinstance(ev, BindingDeleted):
+                self.table.set(ev.hoa, ev.hoa)  # at home: forwarded packets still reach the engine
+                if ev.reason is DeleteReason.DEREGISTERED:
+                    self.home_link.arrived(ev.hoa)
             self._event(ev)
-
-    def _rehome(self, events: Sequence[object]) -> None:
-        for ev in events:
-            if isinstance(ev, BindingDeleted):
-                self._at_home(ev.hoa)
-
-    def _at_home(self, hoa: IPv6Address) -> None:
-        self.table.set(hoa, hoa)  # the tunnel module's ESP for the HoA goes to the HoA itself
-        self.home_link.enter(hoa)
 
     def _event(self, ev: object) -> None:
         if isinstance(ev, BindingCreated):
@@ -468,7 +459,7 @@ class HomeAgent:
             "role": "ha",
             "address": str(self.address),
             "bindings": [_entry_status(e, now) for e in self.cache.entries()],
-            "at_home": sorted(str(h) for h in self.mobile_nodes if self.home_link.is_home(h)),
+            "at_home": sorted(str(h) for h in self.mobile_nodes if self.cache.lookup(h) is None),
             "counters": dict(self.counters),
             "ba_status": {str(k): v for k, v in sorted(self.statuses.items())},
             "tunnel": self.tunnel.status(),

@@ -148,6 +148,9 @@ class FakeMnHome:
     def leave(self):
         self.log.append(("home.leave",))
 
+    def announce(self, iface, address):
+        self.log.append(("announce", iface, A(address)))
+
 
 class FakeHaRoutes:
     def __init__(self, log: Log) -> None:
@@ -160,26 +163,14 @@ class FakeHaRoutes:
 class FakeHaHome:
     def __init__(self, log: Log) -> None:
         self.log = log
-        self.home: set[A] = set()
-        self.route = False  # the home route is in place right now
+        self.served: set[A] = set()
 
-    def enter(self, hoa):
-        self.home.add(A(hoa))
-        self.log.append(("home.enter", A(hoa)))
+    def serve(self, hoa):
+        self.served.add(A(hoa))
+        self.log.append(("home.serve", A(hoa)))
 
-    def forget(self, hoa):
-        self.home.discard(A(hoa))
-        self.log.append(("home.forget", A(hoa)))
-
-    def is_home(self, hoa):
-        return A(hoa) in self.home
-
-    @contextlib.contextmanager
-    def suspended(self, hoa):
-        inside = A(hoa) in self.home
-        self.log.append(("home.suspend", inside))
-        yield
-        self.log.append(("home.resume", inside))
+    def arrived(self, hoa):
+        self.log.append(("home.arrived", A(hoa)))
 
 
 def _mn(log: Log, seq: int = 100) -> MobileNode:
@@ -225,8 +216,9 @@ def test_mn_away_routes_first_then_the_bu_announced_to_the_tunnel():
     log = Log()
     mn = _mn(log)
     mn.moved(Location("away", "v1", COA1, "fe80::1"), 10.0)
-    assert log.index_of("home.leave") < log.index_of("routes.away") < log.index_of("send")
+    assert log.index_of("home.leave") < log.index_of("routes.away") < log.index_of("announce") < log.index_of("send")
     assert log[log.index_of("routes.away")][1:] == (str(HOA), str(HA), "v1", "fe80::1", 1402)
+    assert log[log.index_of("announce")][1:] == ("v1", COA1)  # the CoA on the new link (RFC 4861 7.2.6)
     (_, bu, dst, src, expecting, at_home), = _sent(log)
     assert (dst, src, expecting, at_home) == (HA, HOA, True, False)  # expect_binding_update just before
     assert bu.seq == 100 and find_option(bu.options, AlternateCareOfAddress).coa == COA1
@@ -271,9 +263,11 @@ def test_mn_returning_home_routes_home_before_the_deregistration():
     (_, bu, dst, src, expecting, at_home), = _sent(log)
     assert bu.lifetime == 0 and find_option(bu.options, AlternateCareOfAddress).coa == HOA
     assert not expecting  # no expect_binding_update: the BU leaves by the home link, unchanged
+    assert ("announce", "home", HOA) not in log  # not before the BA (RFC 6275 11.5.5)
     mn.received(_ack(0, 101, 0), HA, HOA, 20.01)
     assert mn.tunnel.at_home and mn.bul.state is MnState.HOME
     assert mn.history[-1]["kind"] == "deregister"
+    assert log[-1][:2] == ("trace", "returned-home") and ("announce", "home", HOA) in log
 
 
 def test_mn_home_without_a_gateway_uses_the_home_agent():
@@ -318,12 +312,13 @@ def test_mn_retransmissions_count_in_one_attempt():
 # --- the home agent -------------------------------------------------------------------------------------------
 
 
-def test_ha_start_keeps_served_nodes_at_home():
+def test_ha_start_serves_the_configured_nodes_at_home():
     log = Log()
     ha = _ha(log)
     ha.start()
-    assert ("home.enter", HOA) in log
-    assert ha.table.lookup(HOA.packed) == HOA.packed  # its ESP goes to the HoA itself
+    assert log == [("home.serve", HOA)]
+    assert ha.table.lookup(HOA.packed) == HOA.packed  # forwarded packets re-sent to the engine
+    assert ha.status(0.0)["at_home"] == [str(HOA)]
 
 
 def test_ha_registration_updates_table_and_routes_before_the_ba():
@@ -332,16 +327,17 @@ def test_ha_registration_updates_table_and_routes_before_the_ba():
     ha.start()
     log.clear()
     ha.received(_bu(7, COA1), HOA, HA, 5.0)
-    assert log.index_of("home.forget") < log.index_of("routes.apply") < log.index_of("send")
+    assert log.index_of("routes.apply") < log.index_of("send")
     assert log[log.index_of("routes.apply")][1] == ["BindingCreated"]
     (_, ack, dst, src, expecting), = _sent(log)
     assert (ack.status, ack.seq, dst, src) == (0, 7, HOA, HA)
     assert expecting == {HOA.packed}  # expect_binding_ack before the send
     assert ha.tunnel._ba_dst[HOA.packed] == COA1.packed
     assert ha.table.lookup(HOA.packed) == COA1.packed
+    assert ha.status(5.0)["at_home"] == []
 
 
-def test_ha_deregistration_ba_leaves_by_the_home_link_then_the_node_is_home():
+def test_ha_deregistration_brings_the_node_home_before_the_ba():
     log = Log()
     ha = _ha(log)
     ha.start()
@@ -349,18 +345,20 @@ def test_ha_deregistration_ba_leaves_by_the_home_link_then_the_node_is_home():
     ha.tunnel.expecting.clear()  # its BA went through the tunnel module
     log.clear()
     ha.received(_bu(8, HOA, lifetime=0), HOA, HA, 9.0)
-    apply_at, send_at, enter_at = log.index_of("routes.apply"), log.index_of("send"), log.index_of("home.enter")
-    assert apply_at < send_at < enter_at  # unbound first, BA by the home link, then home again
+    apply_at, arrived_at, send_at = log.index_of("routes.apply"), log.index_of("home.arrived"), log.index_of("send")
+    assert apply_at < arrived_at < send_at  # unbound, stale neighbour entry gone, then the BA
     assert log[apply_at][1] == ["BindingDeleted"]
-    assert ("home.suspend", False) in log  # no home route to suspend: the BA cannot enter the TUN
     (_, ack, dst, _, expecting), = _sent(log)
-    assert ack.status == 0 and dst == HOA and not expecting
+    assert ack.status == 0 and dst == HOA and not expecting  # a local packet by the home link
     assert ha.table.lookup(HOA.packed) == HOA.packed
-    # a retransmitted de-registration: the entry is invalid, the home route is suspended around the BA
-    log.clear()
-    ha.received(_bu(9, HOA, lifetime=0), HOA, HA, 9.5)
-    assert [e[0] for e in log if e[0].startswith(("home", "send"))] == ["home.suspend", "send", "home.resume"]
-    assert log[log.index_of("home.suspend")][1] is True
+
+
+def test_ha_serves_a_node_it_was_not_configured_with_from_its_first_binding():
+    log = Log()
+    other = A("2001:db8:1::200")
+    ha = _ha(log)
+    ha.received(_bu(1, COA2), other, HA, 1.0)
+    assert ("home.serve", other) in log and ha.table.lookup(other.packed) == COA2.packed
 
 
 def test_ha_old_sequence_number_gets_135_and_changes_nothing():
@@ -381,7 +379,8 @@ def test_ha_expired_binding_brings_the_node_home():
     ha.received(_bu(7, COA1, lifetime=2), HOA, HA, 5.0)
     log.clear()
     ha.handle_timer(ha.next_timer())
-    assert log.index_of("routes.apply") < log.index_of("home.enter")
+    assert log[0] == ("routes.apply", ["BindingDeleted"])
+    assert ("home.arrived", HOA) not in log  # expired: nobody came home
     assert ha.table.lookup(HOA.packed) == HOA.packed
     assert any(e[0] == "trace" and e[1] == "binding-deleted" for e in log)
 
@@ -451,7 +450,7 @@ def test_render_mn_and_ha_status():
     ha = render_mobility_status({**w.ha.status(w.now), "mode": "heuristic", "pid": 2})
     assert "(ha, heuristic mode, pid 2)" in ha
     assert "2001:db8:1::100 -> 2001:db8:a1::ff:fe00:a1  seq 500  valid  lifetime 60 s" in ha
-    assert "status 0 x1" in ha
+    assert "status 0 x1" in ha and "at home: -" in ha
     assert "not available (no control socket)" in render_mobility_status({"error": "no control socket"})
     json.dumps(w.mn.status(w.now)), json.dumps(w.ha.status(w.now))  # JSON-able, as the control socket needs
 
@@ -503,31 +502,25 @@ class Runner:
         return "0\n" if argv[0] == "sysctl" else ""
 
 
-def test_ha_home_link_rule_routes_and_suspension():
-    run = Runner()
-    home = HaHomeLink("mip6tnl", "home", "2001:db8:1::/64", run)
+def test_ha_home_link_rules_send_forwarded_packets_into_the_tunnel():
+    run = Runner(fail=("ip -6 neigh del",))
+    home = HaHomeLink("mip6tnl", "home", run)
     home.setup()
-    home.enter(HOA)
-    with home.suspended(HOA):
-        assert home.is_home(HOA)
-    home.forget(HOA)
-    with home.suspended(HOA):  # forgotten: the binding's route is not ours to touch
-        pass
+    home.serve(HOA)
+    home.serve(HOA)  # idempotent
+    home.arrived(HOA)  # no neighbour entry: not an error
     assert run.commands == [
-        "ip -6 rule add pref 1000 fwmark 0x100000/0x100000 lookup 202",
-        "ip -6 route replace 2001:db8:1::/64 dev home table 202",
-        "ip -6 route replace 2001:db8:1::100/128 dev mip6tnl",
-        "ip -6 route del 2001:db8:1::100/128 dev mip6tnl",
-        "ip -6 route replace 2001:db8:1::100/128 dev mip6tnl",
+        "ip -6 route replace default dev mip6tnl table 202",
+        "ip -6 rule add pref 1000 iif lo to 2001:db8:1::100/128 lookup main",
+        "ip -6 rule add pref 1001 to 2001:db8:1::100/128 lookup 202",
+        "ip -6 neigh del 2001:db8:1::100 dev home",
     ]
     run.commands.clear()
-    home.enter(HOA)
     home.cleanup()
     assert run.commands == [
-        "ip -6 route replace 2001:db8:1::100/128 dev mip6tnl",
-        "ip -6 route del 2001:db8:1::100/128 dev mip6tnl",
-        "ip -6 route del 2001:db8:1::/64 dev home table 202",
-        "ip -6 rule del pref 1000 fwmark 0x100000/0x100000 lookup 202",
+        "ip -6 rule del pref 1001 to 2001:db8:1::100/128 lookup 202",
+        "ip -6 rule del pref 1000 iif lo to 2001:db8:1::100/128 lookup main",
+        "ip -6 route del default dev mip6tnl table 202",
     ]
 
 

@@ -28,6 +28,7 @@ REPO = HERE.parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without the package installed
     sys.path.insert(0, str(REPO))
 
+from bits.errors import ParseError  # noqa: E402
 from bits.io.control import ControlError, control_request  # noqa: E402
 from bits.io.pcap import read_pcap  # noqa: E402
 
@@ -48,6 +49,8 @@ class TestbedError(RuntimeError):
 
 class Testbed:
     """One testbed (namespaces ``PREFIX{cn,r,ha,mn}``) and what runs in it."""
+
+    __test__ = False  # not a pytest test class (tests import this module)
 
     def __init__(self, prefix: str = "mbn-", run_dir: str | None = None, python: str = sys.executable) -> None:
         self.prefix = prefix
@@ -204,7 +207,7 @@ class WirePacket:
 def wire_packets(pcap: Path) -> list[WirePacket]:
     """Every IPv6 packet of a capture with its outer addresses and, for ESP, its SPI."""
     out = []
-    with open(pcap, "rb") as f:
+    with open(pcap, "rb") as f, contextlib.suppress(ParseError):  # still being written: a record cut short
         for rec in read_pcap(f):
             pkt = rec.packet
             if len(pkt) < 40 or pkt[0] >> 4 != 6:

@@ -4,107 +4,98 @@ The draft's SPD is host-wide (section 4.2.2): every packet from or to the HoA tr
 tunnel-mode SA HoA <-> HA, also on the home link ("at home nothing is rewritten: the tunnel SA runs
 HoA <-> HA directly", docs/mobility-design.md). Two things make that work on Linux without XFRM:
 
-Home agent (``HaHomeLink``):
+Home agent (``HaHomeLink``). The engine hooks only *locally sent* packets, so a correspondent's
+packet the HA forwards to a HoA would leave in clear. For every served HoA two policy rules split
+the traffic to it by where it comes from::
 
-* the engine hooks only locally sent packets, so a correspondent's packet the HA *forwards* to a
-  HoA at home would leave in clear. While a served mobile node is at home, ``HoA/128 dev TUN``
-  stays in place and the binding table maps the HoA to itself: the tunnel module re-sends the
-  forwarded packet locally (the engine applies the payload SA), and the resulting ESP (destination
-  the HoA) leaves with ``SEND_MARK``;
-* ``setup()``: ``ip -6 rule fwmark SEND_MARK lookup TABLE`` with ``HOME_PREFIX dev HOME_IF`` in TABLE,
-  so that marked ESP for a HoA goes out of the home link instead of back into the TUN. A marked
-  packet for anything else finds no route in TABLE and falls through to the main table;
-* a Binding Acknowledgement to a mobile node at home (a de-registration) must not enter the TUN
-  (the tunnel module would send it to a care-of address): ``suspended(hoa)`` removes the home
-  route for the duration of the send; the route is looked up inside ``sendto``.
+    pref 1000  iif lo  to HoA  lookup main     # the HA's own packets: BAs, the engine's ESP
+    pref 1001          to HoA  lookup 202      # forwarded ones: 202 holds "default dev TUN"
 
-Mobile node (``MnHomeLink``): at home the engine's ESP goes straight to the HA, so TCP must size its
+so a forwarded packet *always* enters the TUN, where the tunnel module re-sends it locally and the
+engine applies the payload SA -- at home (the binding table maps the HoA to itself, and the ESP
+leaves by the home link through the main table) and away alike (the main table then has
+``HaRoutes``' ``HoA/128 dev TUN`` and the ESP comes back into the TUN to be sent to the CoA). There
+is no moment, not even while a binding is deleted, when a forwarded packet could leave in clear.
+A Binding Acknowledgement to a node that just came home is a local packet: it leaves by the home
+link without entering the tunnel module.
+
+``arrived(hoa)``: while the node was away the HA advertised the HoA with its own link-layer address
+(proxy ND, unsolicited NA), and a multicast NA is looped back to its sender, so the HA's own
+neighbour entry for the HoA may name the HA itself. It is deleted when the node comes home, and
+the next packet to the HoA resolves it afresh.
+
+Mobile node (``MnHomeLink``). At home the engine's ESP goes straight to the HA, so TCP must size its
 segments for the payload SA: ``default via GATEWAY dev HOME_IF metric 1 mtu INNER`` while at home
-(the same inner MTU the away route through the TUN has; without it the engine's output would need
-IPv6 fragmentation, which the peer's engine drops).
+(the inner MTU the away route through the TUN has; without it the engine's output would need
+IPv6 fragmentation, which the peer's engine drops). ``announce(iface, address)`` multicasts an
+unsolicited Neighbor Advertisement (RFC 4861 7.2.6, R = 0, O = 1, not looped back): for the HoA
+when the de-registration is acknowledged (RFC 6275 11.5.5), for a care-of address when the node
+attaches to a visited link (a router that still has an entry from an earlier visit, perhaps being
+probed, takes the node's address at once instead of after its next probe).
 
 Every change goes through ``ip`` (never per packet); ``cleanup()`` undoes everything.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import logging
-from collections.abc import Iterator
+import socket
+from pathlib import Path
 
-from .routes import DEFAULT_RULE_PREF, SEND_MARK, NetConfig, RoutesError, Runner, command_runner
+from .routes import NetConfig, RoutesError, Runner, command_runner, push_unsolicited_na
 
 LOG = logging.getLogger("mipbits.homelink")
 
 DEFAULT_HOME_TABLE = 202  # MnRoutes uses 201 on the mobile node
+DEFAULT_HOME_PREF = 1000  # the local rule; the forwarded rule is the next preference
 HOME_ROUTE_METRIC = 1  # the MN's at-home default route wins over the link's own (1024)
+IPV6_MULTICAST_LOOP = getattr(socket, "IPV6_MULTICAST_LOOP", 19)
 
 
 class HaHomeLink(NetConfig):
-    """A home agent's routes for the mobile nodes that are at home (see the module docstring)."""
+    """A home agent's policy routing for the HoAs it serves (see the module docstring)."""
 
-    def __init__(self, tun: str, home_if: str, home_prefix: str | ipaddress.IPv6Network,
-                 runner: Runner | None = None, *, table: int = DEFAULT_HOME_TABLE,
-                 pref: int = DEFAULT_RULE_PREF, mark: int = SEND_MARK) -> None:
+    def __init__(self, tun: str, home_if: str, runner: Runner | None = None, *,
+                 table: int = DEFAULT_HOME_TABLE, pref: int = DEFAULT_HOME_PREF) -> None:
         super().__init__(runner)
         self.tun = tun
         self.home_if = home_if
-        self.home_prefix = str(ipaddress.IPv6Network(home_prefix))
         self.table = str(table)
-        self.pref = str(pref)
-        self.mark = f"{mark:#x}/{mark:#x}"
-        self.at_home: set[str] = set()  # HoAs whose home route is ours
+        self.pref = pref
+        self.served: set[str] = set()
 
     def setup(self) -> None:
-        """The policy rule and its table (kept while the daemon runs)."""
-        rule = ["pref", self.pref, "fwmark", self.mark, "lookup", self.table]
-        self.change("setup", ["ip", "-6", "rule", "add", *rule], ["ip", "-6", "rule", "del", *rule])
-        route = [self.home_prefix, "dev", self.home_if, "table", self.table]
+        """The table forwarded packets for served HoAs look up."""
+        route = ["default", "dev", self.tun, "table", self.table]
         self.change("setup", ["ip", "-6", "route", "replace", *route], ["ip", "-6", "route", "del", *route])
 
-    def enter(self, hoa: str | ipaddress.IPv6Address) -> None:
-        """``hoa`` is at home: its packets go through the TUN (and so through the engine)."""
-        self.run(["ip", "-6", "route", "replace", f"{hoa}/128", "dev", self.tun])
-        self.at_home.add(str(ipaddress.IPv6Address(hoa)))
-
-    def forget(self, hoa: str | ipaddress.IPv6Address) -> None:
-        """``hoa`` registered a care-of address: the binding's route (the same ``HoA/128 dev TUN``,
-        ``HaRoutes.bind``) takes over; nothing is removed, so no packet slips out in between."""
-        self.at_home.discard(str(ipaddress.IPv6Address(hoa)))
-
-    def is_home(self, hoa: str | ipaddress.IPv6Address) -> bool:
-        return str(ipaddress.IPv6Address(hoa)) in self.at_home
-
-    @contextlib.contextmanager
-    def suspended(self, hoa: str | ipaddress.IPv6Address) -> Iterator[None]:
-        """Without the home route of ``hoa`` for the duration of the block (a BA sent inside it
-        leaves by the home link); a no-op for a HoA that is not at home."""
+    def serve(self, hoa: str | ipaddress.IPv6Address) -> None:
+        """Forwarded packets for ``hoa`` go through the tunnel module from now on. Idempotent."""
         key = str(ipaddress.IPv6Address(hoa))
-        if key not in self.at_home:
-            yield
+        if key in self.served:
             return
-        self._delete(key)
-        try:
-            yield
-        finally:
-            self.enter(key)
+        local = ["pref", str(self.pref), "iif", "lo", "to", f"{key}/128", "lookup", "main"]
+        forwarded = ["pref", str(self.pref + 1), "to", f"{key}/128", "lookup", self.table]
+        for rule in (local, forwarded):
+            self.change(f"serve {key}", ["ip", "-6", "rule", "add", *rule], ["ip", "-6", "rule", "del", *rule])
+        self.served.add(key)
 
-    def _delete(self, hoa: str) -> None:
+    def arrived(self, hoa: str | ipaddress.IPv6Address) -> None:
+        """``hoa`` is on the home link again: forget what our own proxy advertisements taught us."""
         try:
-            self.run(["ip", "-6", "route", "del", f"{hoa}/128", "dev", self.tun])
-        except RoutesError as exc:  # already gone (the TUN went away): nothing to undo
-            LOG.debug("home route of %s: %s", hoa, exc)
+            self.run(["ip", "-6", "neigh", "del", str(ipaddress.IPv6Address(hoa)), "dev", self.home_if])
+        except RoutesError as exc:  # no entry: nothing to forget
+            LOG.debug("neighbour entry of %s: %s", hoa, exc)
 
     def cleanup(self) -> list[str]:
-        for hoa in sorted(self.at_home):
-            self._delete(hoa)
-        self.at_home.clear()
+        self.served.clear()
         return super().cleanup()
 
 
 class MnHomeLink:
-    """The mobile node's default route with the inner MTU while it is at home."""
+    """The mobile node's default route with the inner MTU while it is at home, and its
+    unsolicited Neighbor Advertisements."""
 
     def __init__(self, runner: Runner | None = None, *, metric: int = HOME_ROUTE_METRIC) -> None:
         self.run = runner or command_runner()
@@ -127,9 +118,28 @@ class MnHomeLink:
         except RoutesError as exc:
             LOG.debug("home default route: %s", exc)
 
+    def announce(self, iface: str, address: str | ipaddress.IPv6Address) -> None:
+        """Best effort: a link without a neighbour to tell is not an error."""
+        try:
+            send_na(iface, str(address))
+        except OSError as exc:
+            LOG.warning("unsolicited NA for %s on %s: %s", address, iface, exc)
+
     def cleanup(self) -> list[str]:
         self.leave()
         return []
 
 
-__all__ = ["DEFAULT_HOME_TABLE", "HaHomeLink", "MnHomeLink"]
+def send_na(iface: str, target: str, router: bool = False) -> None:
+    """An unsolicited NA for ``target`` with this interface's link-layer address to all-nodes
+    (RFC 4861 7.2.6: S = 0, O = 1), hop limit 255, not looped back to ourselves."""
+    mac = bytes.fromhex(Path(f"/sys/class/net/{iface}/address").read_text().strip().replace(":", ""))
+    index = socket.if_nametoindex(iface)
+    with socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6) as s:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, index)
+        s.setsockopt(socket.IPPROTO_IPV6, IPV6_MULTICAST_LOOP, 0)
+        s.sendto(push_unsolicited_na(target, mac, router=router), ("ff02::1", 0, 0, index))
+
+
+__all__ = ["DEFAULT_HOME_TABLE", "HaHomeLink", "MnHomeLink", "send_na"]
