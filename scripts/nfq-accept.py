@@ -2,6 +2,8 @@
 """Minimal NFQUEUE pass-through (path (b) of scripts/bench): accept every packet, nothing else.
 
     nfq-accept.py QUEUE                     the floor: bind QUEUE, accept each packet
+    nfq-accept.py QUEUE --batch             the same, verdicts batched as bits.io.nfqueue sends them
+                                            (up to VERDICT_BATCH per sendmsg, flushed when drained)
     nfq-accept.py QUEUE --adapter OUT|IN    the same traffic through bits.io.nfqueue.Processor and a
                                             pass-through engine (returns the packet object): the
                                             adapter's own cost, without any ESP
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -32,6 +35,34 @@ def accept_loop(queue: int) -> int:
         pass
     finally:
         nfq.unbind()
+    return 0
+
+
+def batched_accept_loop(queue: int) -> int:
+    import select
+
+    from netfilterqueue import NetfilterQueue
+
+    from bits.io.nfqueue import NF_ACCEPT, VerdictBatch
+
+    nfq = NetfilterQueue()
+    sock = socket.socket(fileno=os.dup(nfq.get_fd()))  # the queue's own netlink socket
+    batch = VerdictBatch(sock.sendmsg, queue)
+    add = batch.add
+    nfq.bind(queue, lambda pkt: add(pkt, NF_ACCEPT), max_len=4096)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    fd = nfq.get_fd()
+    try:
+        while True:
+            select.select([fd], [], [])
+            nfq.run(block=False)
+            batch.flush()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        batch.flush()
+        nfq.unbind()
+        sock.close()
     return 0
 
 
@@ -72,11 +103,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("queue", type=int)
     p.add_argument("--adapter", choices=["out", "in"])
+    p.add_argument("--batch", action="store_true", help="batch the verdicts (no adapter)")
     p.add_argument("--trace", choices=["off", "drops", "all"], default="off")
     p.add_argument("--trace-path")
     a = p.parse_args()
     if a.adapter:
         return adapter_loop(a.queue, a.adapter, a.trace, a.trace_path)
+    if a.batch:
+        return batched_accept_loop(a.queue)
     return accept_loop(a.queue)
 
 
