@@ -6,11 +6,10 @@ commands, the trace records and ``mipbits status`` rendering.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest

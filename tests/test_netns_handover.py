@@ -26,7 +26,7 @@ The tests below then check what the walk left behind:
 
 from __future__ import annotations
 
-import ipaddress
+import json
 import os
 import shutil
 import subprocess
@@ -45,7 +45,7 @@ from tests.netns import reap_stale_namespaces
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples" / "testbed"))
 
-from walklib import COA, HA, HOA, WALK, Testbed, WirePacket, esp_spi, ping_window, wire_packets  # noqa: E402
+from walklib import COA, HA, HOA, WALK, Testbed, WirePacket, ping_window, wire_packets  # noqa: E402
 
 pytestmark = pytest.mark.netns
 
@@ -153,7 +153,7 @@ def _run(w: Walk) -> None:
         bed.stop(name)
     bed.wait_log("tcp-echo", '"received"')
     w.stream, w.probes = bed.last_json("tcp-stream"), bed.last_json("ping")["probes"]
-    w.sinks = [json_line for json_line in _json_lines(bed.log("tcp-echo"))]
+    w.sinks = _json_lines(bed.log("tcp-echo"))  # one report per connection
     time.sleep(0.3)  # the last packets into the captures
     for name in w.pcaps:
         bed.stop(name)
@@ -161,8 +161,6 @@ def _run(w: Walk) -> None:
 
 
 def _json_lines(text: str) -> list[dict[str, Any]]:
-    import json
-
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
