@@ -646,6 +646,8 @@ class NodeRuntime:
             for key, _ in self.sel.select(self._timeout(node, now)):
                 self._dispatch(key.data)
             now = time.monotonic()
+            if self.stopping:  # Ctrl-C reaches the engine too: its exit is then no failure
+                break
             if self.engine.exited():
                 LOG.error("the engine (pid %s) exited with status %s; stopping", self.engine.pid, self.engine.status)
                 self.trace.control("error", {"detail": f"engine exited (status {self.engine.status})"})
