@@ -129,12 +129,11 @@ def system_addresses() -> list[str]:
 
 def node_local_addresses(cfg: NodeConfig) -> list[str]:
     """Addresses that tell this node's inbound SAs from its outbound ones: the system's plus, for a
-    mobile node, its home address (not assigned while it is away and the daemon is starting)."""
-    extra = [str(v) for sect in ("mn", "ha", "mobility") for k, v in cfg.sections.get(sect, {}).items()
-             if k in ("hoa", "ha", "ipv4_hoa", "ha_ipv4")] if cfg.sections else []
-    if cfg.role == "ha":
-        extra = [str(v) for k, v in cfg.sections.get("ha", {}).items() if k in ("address", "ha", "ipv4_address")]
-    return system_addresses() + extra
+    mobile node, its home addresses (not assigned while it is away) and, for a home agent, its
+    configured address."""
+    own = {"mn": ("hoa", "ipv4_hoa"), "ha": ("address", "ipv4_address")}.get(cfg.role, ())
+    section = cfg.sections.get(cfg.role, {}) if cfg.sections else {}
+    return system_addresses() + [str(section[k]) for k in own if k in section]
 
 
 def load_ipsec(cfg: NodeConfig) -> IpsecConfig:
