@@ -20,7 +20,7 @@ from bits.constants import Direction
 from bits.engine import Engine, build_engine
 from bits.errors import BitsError
 from bits.io.control import ControlError, control_request
-from bits.io.iptables import rules_install, rules_installed, rules_remove, rules_show
+from bits.io.iptables import rules_install, rules_remove, rules_show
 from bits.io.nfqueue import run_processor
 from bits.io.offline import process_capture
 from bits.io.seqstore import FileSeqReserver
@@ -194,34 +194,35 @@ def rules() -> None:
 _cfg_opt = click.option("-c", "--config", "config_path", required=True, type=click.Path(dir_okay=False))
 
 
+def _rules_action(config_path: str, action) -> None:  # type: ignore[no-untyped-def]
+    try:
+        out = action(_config(config_path))
+    except BitsError as exc:
+        _fail(exc)
+        return
+    if isinstance(out, str):
+        click.echo(out, nl=False)
+
+
 @rules.command("install")
 @_cfg_opt
 def rules_install_cmd(config_path: str) -> None:
     """Install the rules (idempotent). Protected traffic fails closed until `mipbits run` binds."""
-    try:
-        rules_install(_config(config_path))
-    except BitsError as exc:
-        _fail(exc)
+    _rules_action(config_path, rules_install)
 
 
 @rules.command("remove")
 @_cfg_opt
 def rules_remove_cmd(config_path: str) -> None:
     """Remove the rules, restoring the ruleset as it was before `install`."""
-    try:
-        rules_remove(_config(config_path))
-    except BitsError as exc:
-        _fail(exc)
+    _rules_action(config_path, rules_remove)
 
 
 @rules.command("show")
 @_cfg_opt
 def rules_show_cmd(config_path: str) -> None:
     """Print the rules and whether they are installed."""
-    try:
-        click.echo(rules_show(_config(config_path)), nl=False)
-    except BitsError as exc:
-        _fail(exc)
+    _rules_action(config_path, rules_show)
 
 
 # --- status, queries, trace -----------------------------------------------------------------------
