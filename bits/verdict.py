@@ -26,6 +26,8 @@ class DropReason(str, Enum):
     SEQ_NOT_PERSISTED = "seq-not-persisted"  # sequence reservation not durable (bits/seqstore.py)
     TOO_BIG = "too-big"  # result would exceed 65535 octets
     FRAGMENT = "fragment"  # fragmented packet: selectors unknown, reassembly is the kernel's job
+    # adapter
+    CROSS_FAMILY = "cross-family"  # result of another IP version: sent by bits.io.crossfamily, original dropped
 
 
 @dataclass(frozen=True, slots=True)

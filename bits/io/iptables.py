@@ -10,7 +10,9 @@ out        mangle    OUTPUT       after routing; nf_reinject re-routes LOCAL_OUT
 in         raw       PREROUTING   before conntrack, so conntrack sees decrypted packets
 =========  ========  ===========  =====================================================
 
-Loopback is excluded; IPv6 Neighbour Discovery optionally too (``nd_bypass``). The NFQUEUE target
+Loopback is excluded, and so are packets with ``emitted_mark`` (already processed: results of
+another IP version the adapter sent itself, ``bits/io/crossfamily.py``); IPv6 Neighbour Discovery
+optionally too (``nd_bypass``). The NFQUEUE target
 never has ``--queue-bypass``: without a bound processor the kernel drops the packets (fail
 closed). Several queues for one direction become ``--queue-balance FIRST:LAST``.
 
@@ -37,6 +39,7 @@ from string import Template
 from typing import Protocol
 
 from ..errors import BitsError, ConfigError
+from .crossfamily import EMITTED_MARK
 
 CHAIN_OUT = "MIPBITS-OUT"
 CHAIN_IN = "MIPBITS-IN"
@@ -65,6 +68,10 @@ class RuleSettings:
     # in tunnel mode) after the kernel sized the segment for the plain path, so without clamping a
     # full-sized segment no longer fits the link MTU (RFC 4301 section 8 leaves PMTU to the host).
     tcp_mss: int = DEFAULT_TCP_MSS
+    # Packets carrying this mark were already processed: results of another IP version the
+    # adapter emitted itself (bits/io/crossfamily.py), or what a tunnel adapter sends after the
+    # engine. Both chains RETURN on it (0: no such rule).
+    emitted_mark: int = EMITTED_MARK
 
 
 class QueueLike(Protocol):
@@ -142,8 +149,11 @@ def _render_table(cfg: RulesConfig, family: Family, hook: Hook, jump: str) -> st
         f"-A {hook.chain} {flag} {i} {target}" if i else f"-A {hook.chain} {target}" for i in ifaces
     )
     bypass = ""
+    if rules.emitted_mark:
+        mark = f"{rules.emitted_mark:#x}"
+        bypass = f"-A {hook.chain} -m mark --mark {mark}/{mark} -j RETURN\n"
     if family is IPV6 and rules.nd_bypass:
-        bypass = _template("nd-bypass.tmpl").substitute(chain=hook.chain)
+        bypass += _template("nd-bypass.tmpl").substitute(chain=hook.chain)
     if hook.direction == "out" and rules.tcp_mss:
         bypass += (f"\n-A {hook.chain} -p tcp -m tcp --tcp-flags SYN,RST SYN "
                    f"-j TCPMSS --set-mss {rules.tcp_mss}")
