@@ -54,7 +54,7 @@ from enum import Enum
 from typing import Any, NamedTuple, Protocol
 
 from bits.constants import AuthAlg, EncAlg, IpProto
-from bits.ip import PacketSelectors
+from bits.ip import PacketSelectors, fix_ipv4_header
 
 from .binding import BindingCreated, BindingDeleted, BindingUpdated, Ipv4Endpoint
 from .constants import HAO_DATA_LEN, HAO_OPTION_TYPE, MAX_UPDATE_RATE, ROUTING_TYPE_2, MhType
@@ -834,7 +834,11 @@ class MnTunnel(_TunnelBase):
     # --- data plane ---
 
     def outbound(self, packet: bytes, now: float) -> Output:
-        """A packet the kernel routed into the TUN (the engine already applied ESP)."""
+        """A packet the kernel routed into the TUN (the engine already applied ESP). IPv4 in the
+        TUN is the IPv4 home address's traffic (its source route names the TUN) that the engine
+        did not protect -- it turns it into IPv6 ESP and sends that itself -- so: cleartext."""
+        if packet[:1] and packet[0] >> 4 == 4:
+            return self._drop(TunnelDrop.CLEARTEXT, reason=Reason.NOT_ESP)
         try:
             view = pull_esp_view(packet)
         except ParseError:
@@ -1008,13 +1012,26 @@ class BindingTable:
     IPv4 CoA (DSMIPv6, RFC 5555 4.2 / 4.5.1), an ``Ipv4Path``: UDP to the outer address and port
     the BU came from when the entry says ``udp_encap`` (NAT detected or F), else IPv6-in-IPv4 to
     the IPv4 CoA. For IPv4 bindings the table also keeps the recorded outer endpoint (where BAs go
-    and what the heuristic compares with, draft 4.4.2) and the IPv6-in-IPv4 peer."""
+    and what the heuristic compares with, draft 4.4.2) and the IPv6-in-IPv4 peer. IPv4 home
+    addresses (RFC 5555 4.5) map to the IPv6 HoA whose tunnel carries them (``home_of``)."""
 
     def __init__(self) -> None:
         self._coa: dict[bytes, bytes | Ipv4Path] = {}
         self._endpoint: dict[bytes, Endpoint] = {}  # IPv4 bindings: recorded (V4ADDR, Z)
         self._ipip_peer: dict[bytes, str] = {}  # IPv4 bindings without UDP: the IPv4 CoA
+        self._hoa4: dict[bytes, bytes] = {}  # IPv4 home address (4 octets) -> IPv6 HoA
         self.lookup: BindingLookup = self._coa.get
+        self.home_of: Callable[[bytes], bytes | None] = self._hoa4.get
+
+    def set_ipv4_hoa(self, hoa4: ipaddress.IPv4Address | bytes | str, hoa: ipaddress.IPv6Address | bytes | str) -> None:
+        """Packets to the IPv4 home address ``hoa4`` go through the tunnel of ``hoa``."""
+        self._hoa4[ipaddress.IPv4Address(hoa4).packed] = _addr16(hoa)
+
+    def delete_ipv4_hoa(self, hoa4: ipaddress.IPv4Address | bytes | str) -> None:
+        self._hoa4.pop(ipaddress.IPv4Address(hoa4).packed, None)
+
+    def ipv4_hoas(self) -> dict[str, str]:
+        return {str(ipaddress.IPv4Address(k)): str(ipaddress.IPv6Address(v)) for k, v in self._hoa4.items()}
 
     def set(self, hoa: ipaddress.IPv6Address | bytes | str, coa: ipaddress.IPv6Address | bytes | str) -> None:
         hoa16 = _addr16(hoa)
@@ -1061,7 +1078,8 @@ class BindingTable:
         return None if endpoint is None else Ipv4Path(Encap.UDP, endpoint[0], endpoint[1])
 
     def apply(self, events: Iterable[object]) -> None:
-        """Apply ``BindingCreated`` / ``BindingUpdated`` / ``BindingDeleted``; ignore the rest."""
+        """Apply ``BindingCreated`` / ``BindingUpdated`` / ``BindingDeleted``; ignore the rest.
+        The entry's IPv4 home address (granted in the BA) maps to its HoA while the entry lives."""
         for ev in events:
             if isinstance(ev, (BindingCreated, BindingUpdated)):
                 entry = ev.entry
@@ -1069,8 +1087,15 @@ class BindingTable:
                     self.set_ipv4(ev.hoa, entry.coa, udp_source=entry.udp_source, udp_encap=entry.udp_encap)
                 else:
                     self.set(ev.hoa, entry.tunnel_destination)
+                previous = getattr(ev, "previous", None)
+                if previous is not None and previous.ipv4_hoa not in (None, entry.ipv4_hoa):
+                    self.delete_ipv4_hoa(previous.ipv4_hoa)
+                if entry.ipv4_hoa is not None:
+                    self.set_ipv4_hoa(entry.ipv4_hoa, ev.hoa)
             elif isinstance(ev, BindingDeleted):
                 self.delete(ev.hoa)
+                if ev.entry.ipv4_hoa is not None:
+                    self.delete_ipv4_hoa(ev.entry.ipv4_hoa)
 
     def __len__(self) -> int:
         return len(self._coa)
@@ -1184,7 +1209,10 @@ class HaTunnel(_TunnelBase):
     # --- data plane ---
 
     def outbound(self, packet: bytes, now: float) -> Output:
-        """A packet the kernel routed into the TUN (route HoA/128 while a binding exists)."""
+        """A packet the kernel routed into the TUN (route HoA/128 while a binding exists; an IPv4
+        home address's route always)."""
+        if packet[:1] and packet[0] >> 4 == 4:
+            return self._plain4(packet)
         try:
             view = pull_esp_view(packet)
         except ParseError:
@@ -1263,6 +1291,29 @@ class HaTunnel(_TunnelBase):
             return [(build_packet_too_big(packet, mtu, self.ha), Route.WIRE)]
         out = bytearray(packet)
         out[7] -= 1
+        self.counts["out_reinjected"] += 1
+        if self.tracing:
+            self._trace("out", Kind.PLAIN, Reason.NOT_ESP, None, hoa, None)
+        return [(bytes(out), Route.LOCAL)]
+
+    def _plain4(self, packet: bytes) -> Output:
+        """An IPv4 packet forwarded to an IPv4 home address (RFC 5555 4.5): like ``_plain``, sent
+        again as a local packet so the engine's IPv4 OUTPUT hook puts it into the HoA's tunnel SA
+        (IPv4 inside IPv6 ESP; the engine's adapter emits the IPv6 result, bits.io.crossfamily),
+        its TTL decremented. The route of the IPv4 HoA has the inner MTU, so the kernel already
+        fragmented or refused (DF) what would not fit."""
+        if len(packet) < 20:
+            return self._drop(TunnelDrop.MALFORMED, reason=Reason.NOT_ESP)
+        hoa = self.table.home_of(packet[16:20]) if self.table is not None else None
+        if hoa is None or self.lookup(hoa) is None:
+            return self._drop(TunnelDrop.NO_BINDING, reason=Reason.NOT_ESP, hoa=hoa)
+        if packet[8] <= 1:
+            return self._drop(TunnelDrop.HOP_LIMIT, reason=Reason.NOT_ESP, hoa=hoa)
+        if self.inner_mtu is not None and len(packet) > self.inner_mtu:
+            return self._drop(TunnelDrop.TOO_BIG, reason=Reason.NOT_ESP, hoa=hoa)
+        out = bytearray(packet)
+        out[8] -= 1
+        fix_ipv4_header(out)
         self.counts["out_reinjected"] += 1
         if self.tracing:
             self._trace("out", Kind.PLAIN, Reason.NOT_ESP, None, hoa, None)

@@ -61,7 +61,7 @@ def test_route_sender_dispatches_by_path_and_counts_failures():
     sender.send(b"c", Route.WIRE)
     assert udp.sent == [(b"a", "203.0.113.1", 4191, "192.168.1.100")]
     assert ipip.sent == [(b"b", "203.0.113.1", "198.51.100.100")]
-    assert wire == [(b"c", Route.WIRE)] and sender.sent == {"udp": 1, "ipip": 1, "wire": 1}
+    assert wire == [(b"c", Route.WIRE)] and sender.sent == {"udp": 1, "ipip": 1, "wire": 1, "local4": 0}
 
     broken = RouteSender(None, FakeUdp(fail=errno.EADDRNOTAVAIL), None)  # type: ignore[arg-type]
     broken.send(b"a", udp_path("203.0.113.1"))  # the old CoA is gone: counted, not raised

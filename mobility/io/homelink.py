@@ -19,6 +19,12 @@ is no moment, not even while a binding is deleted, when a forwarded packet could
 A Binding Acknowledgement to a node that just came home is a local packet: it leaves by the home
 link without entering the tunnel module.
 
+IPv4 home addresses (DSMIPv6, RFC 5555 4.5; ``serve_ipv4`` / ``release_ipv4``): the main table
+routes ``HoA4/32 dev TUN mtu INNER`` -- forwarded IPv4 for it always enters the tunnel module,
+which re-sends it locally so the engine puts it into the HoA's IPv6 tunnel SA. The inner MTU on
+the route has the kernel fragment or refuse (DF) what would not fit. A static IPv4 HoA is served
+from the start, at home too; one from the pool while its binding lives.
+
 ``arrived(hoa)``: while the node was away the HA advertised the HoA with its own link-layer address
 (proxy ND, unsolicited NA), and a multicast NA is looped back to its sender, so the HA's own
 neighbour entry for the HoA may name the HA itself. It is deleted when the node comes home, and
@@ -57,13 +63,16 @@ class HaHomeLink(NetConfig):
     """A home agent's policy routing for the HoAs it serves (see the module docstring)."""
 
     def __init__(self, tun: str, home_if: str, runner: Runner | None = None, *,
-                 table: int = DEFAULT_HOME_TABLE, pref: int = DEFAULT_HOME_PREF) -> None:
+                 table: int = DEFAULT_HOME_TABLE, pref: int = DEFAULT_HOME_PREF,
+                 inner_mtu: int | None = None) -> None:
         super().__init__(runner)
         self.tun = tun
         self.home_if = home_if
         self.table = str(table)
         self.pref = pref
+        self.inner_mtu = inner_mtu
         self.served: set[str] = set()
+        self.served_ipv4: set[str] = set()
 
     def setup(self) -> None:
         """The table forwarded packets for served HoAs look up."""
@@ -81,6 +90,22 @@ class HaHomeLink(NetConfig):
             self.change(f"serve {key}", ["ip", "-6", "rule", "add", *rule], ["ip", "-6", "rule", "del", *rule])
         self.served.add(key)
 
+    def serve_ipv4(self, hoa4: str | ipaddress.IPv4Address) -> None:
+        """Forwarded IPv4 for the IPv4 home address ``hoa4`` goes into the TUN. Idempotent."""
+        key = str(ipaddress.IPv4Address(hoa4))
+        if key in self.served_ipv4:
+            return
+        route = [f"{key}/32", "dev", self.tun]
+        mtu = ["mtu", str(self.inner_mtu)] if self.inner_mtu else []
+        self.change(f"serve4 {key}", ["ip", "-4", "route", "replace", *route, *mtu],
+                    ["ip", "-4", "route", "del", *route])
+        self.served_ipv4.add(key)
+
+    def release_ipv4(self, hoa4: str | ipaddress.IPv4Address) -> None:
+        key = str(ipaddress.IPv4Address(hoa4))
+        self.served_ipv4.discard(key)
+        self.revert(f"serve4 {key}")
+
     def arrived(self, hoa: str | ipaddress.IPv6Address) -> None:
         """``hoa`` is on the home link again: forget what our own proxy advertisements taught us."""
         try:
@@ -90,6 +115,7 @@ class HaHomeLink(NetConfig):
 
     def cleanup(self) -> list[str]:
         self.served.clear()
+        self.served_ipv4.clear()
         return super().cleanup()
 
 

@@ -3,14 +3,16 @@ address and link notifications).
 
 Three parts:
 
-* ``parse_messages(data)``: rtnetlink messages (RTM_NEWLINK/DELLINK, RTM_NEWADDR/DELADDR) ->
-  ``LinkEvent`` / ``AddressEvent``, with ``struct`` only. Pure; malformed input raises
-  ``NetlinkParseError``.
-* ``NetState`` + ``locate(state, interfaces, home_prefix)``: pure. The current links and IPv6
+* ``parse_messages(data, ipv4=False)``: rtnetlink messages (RTM_NEWLINK/DELLINK,
+  RTM_NEWADDR/DELADDR) -> ``LinkEvent`` / ``AddressEvent``, with ``struct`` only. IPv4 addresses
+  only when asked for (DSMIPv6). Pure; malformed input raises ``NetlinkParseError``.
+* ``NetState`` + ``locate(state, interfaces, home_prefix)``: pure. The current links and
   addresses, and from them where the MN is: at home (an up configured interface holds an address
-  of the home prefix), away with a care-of address, or detached.
-* ``NetlinkMonitor``: the socket, subscribed to RTMGRP_LINK and RTMGRP_IPV6_IFADDR, plus the initial
-  dump. The composition root watches ``fileno()`` and calls ``read()`` when it is readable.
+  of the home prefix), away with a care-of address -- an IPv6 one, or on an IPv4-only link an
+  IPv4 one (RFC 5555 4.4.1: DSMIPv6), a dual-stack link also naming its IPv4 address -- or detached.
+* ``NetlinkMonitor``: the socket, subscribed to RTMGRP_LINK and RTMGRP_IPV6_IFADDR (and
+  RTMGRP_IPV4_IFADDR for DSMIPv6), plus the initial dump. The composition root watches
+  ``fileno()`` and calls ``read()`` when it is readable.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ..errors import ParseError
 
 NETLINK_ROUTE = 0
 RTMGRP_LINK = 0x1
+RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV6_IFADDR = 0x100
 NLMSG_NOOP, NLMSG_ERROR, NLMSG_DONE = 1, 2, 3
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ROOT, NLM_F_MATCH = 0x1, 0x2, 0x100, 0x200
@@ -70,12 +73,16 @@ class LinkEvent:
     removed: bool = False
 
 
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
 @dataclass(frozen=True, slots=True)
 class AddressEvent:
-    """An IPv6 address was added/changed (``removed`` False) or removed on interface ``index``."""
+    """An address (IPv6; IPv4 when asked for) was added/changed (``removed`` False) or removed on
+    interface ``index``."""
 
     index: int
-    address: ipaddress.IPv6Address
+    address: IpAddress
     prefixlen: int
     flags: int
     scope: int
@@ -101,9 +108,9 @@ def parse_attributes(data: bytes, off: int, end: int) -> dict[int, bytes]:
     return attrs
 
 
-def parse_messages(data: bytes) -> list[NetEvent]:
-    """Link and IPv6 address events in a buffer of netlink messages; DONE/NOOP/other types are
-    skipped; an NLMSG_ERROR with a non-zero error raises ``NetlinkError``."""
+def parse_messages(data: bytes, *, ipv4: bool = False) -> list[NetEvent]:
+    """Link and IPv6 (with ``ipv4``: also IPv4) address events in a buffer of netlink messages;
+    DONE/NOOP/other types are skipped; an NLMSG_ERROR with a non-zero error raises ``NetlinkError``."""
     events: list[NetEvent] = []
     off = 0
     while off + NLMSGHDR.size <= len(data):
@@ -116,7 +123,7 @@ def parse_messages(data: bytes) -> list[NetEvent]:
         elif mtype in (RTM_NEWLINK, RTM_DELLINK):
             events.append(_link(data, body, end, mtype == RTM_DELLINK))
         elif mtype in (RTM_NEWADDR, RTM_DELADDR):
-            event = _address(data, body, end, mtype == RTM_DELADDR)
+            event = _address(data, body, end, mtype == RTM_DELADDR, ipv4)
             if event is not None:
                 events.append(event)
         off += _align(length)
@@ -142,19 +149,26 @@ def _link(data: bytes, body: int, end: int, removed: bool) -> LinkEvent:
     return LinkEvent(index, name, up and not removed, removed)
 
 
-def _address(data: bytes, body: int, end: int, removed: bool) -> AddressEvent | None:
+def _address(data: bytes, body: int, end: int, removed: bool, ipv4: bool = False) -> AddressEvent | None:
     if body + IFADDRMSG.size > end:
         raise NetlinkParseError("truncated ifaddrmsg")
     family, prefixlen, flags, scope, index = IFADDRMSG.unpack_from(data, body)
-    if family != socket.AF_INET6:
+    if family != socket.AF_INET6 and not (ipv4 and family == socket.AF_INET):
         return None
     attrs = parse_attributes(data, body + IFADDRMSG.size, end)
-    raw = attrs.get(IFA_ADDRESS) or attrs.get(IFA_LOCAL)
-    if raw is None or len(raw) != 16:
-        raise NetlinkParseError("IPv6 address message without a 16-octet IFA_ADDRESS")
+    if family == socket.AF_INET:  # IFA_LOCAL is the local address (IFA_ADDRESS: a point-to-point peer)
+        raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
+        if raw is None or len(raw) != 4:
+            raise NetlinkParseError("IPv4 address message without a 4-octet IFA_LOCAL")
+        address: IpAddress = ipaddress.IPv4Address(raw)
+    else:
+        raw = attrs.get(IFA_ADDRESS) or attrs.get(IFA_LOCAL)
+        if raw is None or len(raw) != 16:
+            raise NetlinkParseError("IPv6 address message without a 16-octet IFA_ADDRESS")
+        address = ipaddress.IPv6Address(raw)
     if IFA_FLAGS in attrs and len(attrs[IFA_FLAGS]) == 4:
         flags = _U32.unpack(attrs[IFA_FLAGS])[0]  # the 32-bit flags supersede the 8-bit field
-    return AddressEvent(index, ipaddress.IPv6Address(raw), prefixlen, flags, scope, removed)
+    return AddressEvent(index, address, prefixlen, flags, scope, removed)
 
 
 def push_dump_request(msg_type: int, seq: int, family: int = socket.AF_UNSPEC) -> bytes:
@@ -171,15 +185,15 @@ def push_dump_request(msg_type: int, seq: int, family: int = socket.AF_UNSPEC) -
 
 @dataclass(frozen=True, slots=True)
 class Address:
-    address: ipaddress.IPv6Address
+    address: IpAddress
     prefixlen: int
     flags: int
     scope: int
 
     @property
     def usable(self) -> bool:
-        """Global scope (ULA and documentation prefixes included: testbeds use them), not
-        tentative, not DAD-failed: fit to be a care-of address."""
+        """Global scope (ULA, documentation and private IPv4 prefixes included: testbeds and
+        NATs use them), not tentative, not DAD-failed: fit to be a care-of address."""
         a = self.address
         return (self.scope == RT_SCOPE_UNIVERSE and not self.flags & _UNUSABLE
                 and not (a.is_link_local or a.is_loopback or a.is_multicast or a.is_unspecified))
@@ -191,7 +205,7 @@ class NetState:
 
     names: dict[int, str] = field(default_factory=dict)
     up: dict[int, bool] = field(default_factory=dict)
-    addresses: dict[int, dict[ipaddress.IPv6Address, Address]] = field(default_factory=dict)
+    addresses: dict[int, dict[IpAddress, Address]] = field(default_factory=dict)
 
     def apply(self, events: Iterable[NetEvent]) -> None:
         for ev in events:
@@ -224,11 +238,14 @@ class NetState:
 @dataclass(frozen=True, slots=True)
 class Location:
     """Where the MN is: ``home`` (on ``interface``), ``away`` (``coa`` on ``interface``) or
-    ``detached`` (no configured interface is up with a usable address)."""
+    ``detached`` (no configured interface is up with a usable address). ``coa`` is IPv4 on an
+    IPv4-only link (DSMIPv6); on a dual-stack link it is the IPv6 one and ``ipv4_coa`` the other
+    (RFC 5555 4.4.1: the IPv6 one is tried first)."""
 
     kind: str
     interface: str | None = None
-    coa: ipaddress.IPv6Address | None = None
+    coa: IpAddress | None = None
+    ipv4_coa: ipaddress.IPv4Address | None = None
 
     @property
     def at_home(self) -> bool:
@@ -241,36 +258,43 @@ DETACHED = Location("detached")
 def locate(state: NetState, interfaces: Sequence[str], home_prefix: ipaddress.IPv6Network | str) -> Location:
     """RFC 6275 11.5: the first configured interface (in preference order) that is up and has a
     usable global address decides. An address of the home prefix there: at home. Otherwise the
-    care-of address is its best address (not deprecated, not temporary, then the lowest)."""
+    care-of address is its best IPv6 address (not deprecated, not temporary, then the lowest); a
+    link with IPv4 addresses only (the state holds IPv4 addresses only when the monitor asked for
+    them) gives its best IPv4 address (RFC 5555 4.4.1), a dual-stack link names both."""
     prefix = ipaddress.IPv6Network(home_prefix)
     for name in interfaces:
         index = state.index(name)
         if index is None or not state.up.get(index):
             continue
         usable = [a for a in state.addresses.get(index, {}).values() if a.usable]
-        if not usable:
-            continue
-        if any(a.address in prefix for a in usable):
+        v6 = [a for a in usable if a.address.version == 6]
+        v4 = [a for a in usable if a.address.version == 4]
+        if any(a.address in prefix for a in v6):
             return Location("home", name)
-        best = min(usable, key=_preference)
-        return Location("away", name, best.address)
+        best4 = min(v4, key=_preference).address if v4 else None
+        if v6:
+            return Location("away", name, min(v6, key=_preference).address, best4)  # type: ignore[arg-type]
+        if best4 is not None:
+            return Location("away", name, best4)
     return DETACHED
 
 
-def _preference(a: Address) -> tuple[bool, bool, ipaddress.IPv6Address]:
-    return bool(a.flags & IFA_F_DEPRECATED), bool(a.flags & IFA_F_TEMPORARY), a.address
+def _preference(a: Address) -> tuple[bool, bool, int]:
+    return bool(a.flags & IFA_F_DEPRECATED), bool(a.flags & IFA_F_TEMPORARY), int(a.address)
 
 
 # --- the socket ---------------------------------------------------------------------------------------------------------
 
 
 class NetlinkMonitor:
-    """An rtnetlink socket subscribed to link and IPv6 address changes (non-blocking)."""
+    """An rtnetlink socket subscribed to link and IPv6 address changes (non-blocking); with
+    RTMGRP_IPV4_IFADDR in ``groups`` IPv4 address events are reported too."""
 
     def __init__(self, groups: int = RTMGRP_LINK | RTMGRP_IPV6_IFADDR) -> None:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
         self.sock.bind((0, groups))
         self.sock.setblocking(False)
+        self.ipv4 = bool(groups & RTMGRP_IPV4_IFADDR)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -283,31 +307,33 @@ class NetlinkMonitor:
                 data = self.sock.recv(RECV_BUFFER)
             except BlockingIOError:
                 return events
-            events.extend(parse_messages(data))
+            events.extend(parse_messages(data, ipv4=self.ipv4))
 
     def close(self) -> None:
         self.sock.close()
 
 
-def dump(timeout: float = 5.0) -> list[NetEvent]:
-    """The current links, then the current IPv6 addresses, as events (on a socket of its own, so
-    the dump does not interleave with notifications)."""
+def dump(timeout: float = 5.0, *, ipv4: bool = False) -> list[NetEvent]:
+    """The current links, then the current IPv6 (and with ``ipv4`` IPv4) addresses, as events (on
+    a socket of its own, so the dump does not interleave with notifications)."""
     events: list[NetEvent] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE) as sock:
         sock.settimeout(timeout)
         sock.bind((0, 0))
-        requests = ((RTM_GETLINK, socket.AF_UNSPEC), (RTM_GETADDR, socket.AF_INET6))
+        requests = [(RTM_GETLINK, socket.AF_UNSPEC), (RTM_GETADDR, socket.AF_INET6)]
+        if ipv4:
+            requests.append((RTM_GETADDR, socket.AF_INET))
         for seq, (mtype, family) in enumerate(requests, 1):
             sock.send(push_dump_request(mtype, seq, family))
-            events.extend(_read_dump(sock, seq))
+            events.extend(_read_dump(sock, seq, ipv4))
     return events
 
 
-def _read_dump(sock: socket.socket, seq: int) -> list[NetEvent]:
+def _read_dump(sock: socket.socket, seq: int, ipv4: bool = False) -> list[NetEvent]:
     events: list[NetEvent] = []
     while True:
         data = sock.recv(RECV_BUFFER)
-        events.extend(parse_messages(data))
+        events.extend(parse_messages(data, ipv4=ipv4))
         if _done(data, seq):
             return events
 
@@ -326,6 +352,7 @@ def _done(data: bytes, seq: int) -> bool:
 
 __all__ = [
     "DETACHED",
+    "RTMGRP_IPV4_IFADDR",
     "AddressEvent",
     "LinkEvent",
     "Location",

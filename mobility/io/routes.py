@@ -20,7 +20,18 @@ Mobile node, while away (RFC 6275 11.2, 11.5.2):
   (the engine's ESP packets reach the tunnel module), ``default dev TUN metric 1 mtu INNER`` (the
   host's traffic goes to the engine with the inner MTU), and in TABLE ``default via GATEWAY dev
   VISITED`` (where the marked packets go);
-* ``home()``: all of that removed.
+* ``away_ipv4(...)`` (DSMIPv6, RFC 5555: an IPv4-only visited link): the same routes through the
+  TUN, and TABLE holds ``unreachable default``: the IPv6 packets the tunnel module still sends with
+  an old IPv6 CoA (Req #3, until the BA) have no IPv6 path here and fail at once, instead of
+  looping back into the TUN. What goes to the HA travels in UDP/IPv4 by the main IPv4 table;
+* ``ipv4_home(addr, inner_mtu)``: the IPv4 home address the HA assigned, on the TUN, with a
+  source rule ``from ADDR lookup TABLE4`` (TABLE4: ``default dev TUN mtu INNER``): what the host
+  sends from it reaches the engine, which puts it into the IPv6 tunnel SA. Kept at home too: the
+  tunnel SA runs HoA <-> HA there as well;
+* ``home()``: the away routes removed.
+
+Home agent, DSMIPv6: ``setup_ipv4()`` (``net.ipv4.ip_forward=1``: IPv4 traffic for IPv4 home
+addresses is forwarded into the TUN).
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ SEND_MARK = 0x00100000
 #: Packets the inbound hook has already seen (it re-queues them with NF_REPEAT).
 HOOK_MARK = 0x00200000
 DEFAULT_TABLE = 201
+DEFAULT_IPV4_TABLE = 203  # the MN's IPv4 home address: "default dev TUN" (202: the HA's home table)
 DEFAULT_RULE_PREF = 1000  # before the main table's rule (32766)
 TUN_METRIC = 1  # the MN's default route via the TUN wins over RA-learnt ones (1024)
 
@@ -136,6 +148,10 @@ class HaRoutes(NetConfig):
         self.sysctl("setup", "net.ipv6.conf.all.forwarding", "1")
         self.sysctl("setup", f"net.ipv6.conf.{self.home_if}.proxy_ndp", "1")
 
+    def setup_ipv4(self) -> None:
+        """DSMIPv6 with IPv4 home addresses: the HA forwards IPv4 to them (into the TUN)."""
+        self.sysctl("setup-ipv4", "net.ipv4.ip_forward", "1")
+
     def bind(self, hoa: str | ipaddress.IPv6Address) -> None:
         """Intercept ``hoa``: route it into the TUN and answer Neighbor Solicitations for it.
         Idempotent: a binding moving to another CoA changes nothing here."""
@@ -173,12 +189,14 @@ class MnRoutes(NetConfig):
     """Routes of a mobile node away from home (RFC 6275 11.2)."""
 
     def __init__(self, tun: str, runner: Runner | None = None, *, table: int = DEFAULT_TABLE,
-                 pref: int = DEFAULT_RULE_PREF, mark: int = SEND_MARK) -> None:
+                 pref: int = DEFAULT_RULE_PREF, mark: int = SEND_MARK, ipv4_table: int = DEFAULT_IPV4_TABLE) -> None:
         super().__init__(runner)
         self.tun = tun
         self.table = str(table)
         self.pref = str(pref)
         self.mark = f"{mark:#x}/{mark:#x}"
+        self.ipv4_table = str(ipv4_table)
+        self.ipv4_hoa: str | None = None
 
     def setup(self) -> None:
         """The policy rule for marked packets (kept while the daemon runs, home or away)."""
@@ -188,6 +206,36 @@ class MnRoutes(NetConfig):
     def away(self, hoa: str, ha: str, iface: str, gateway: str | None, inner_mtu: int) -> None:
         """Away on ``iface`` (next hop ``gateway``, None: on-link). Moving again only replaces
         the route of the marked packets."""
+        self._away(hoa, ha, inner_mtu)
+        self.revert("link")
+        via = ["via", gateway] if gateway else []
+        route = ["default", *via, "dev", iface, "table", self.table]
+        self.change("link", ["ip", "-6", "route", "replace", *route], ["ip", "-6", "route", "del", *route])
+
+    def away_ipv4(self, hoa: str, ha: str, inner_mtu: int) -> None:
+        """Away on an IPv4-only link (DSMIPv6): the TUN routes as in ``away``; marked IPv6
+        packets (an old IPv6 CoA's data until the BA) have no route: ``unreachable default``."""
+        self._away(hoa, ha, inner_mtu)
+        self.revert("link")
+        route = ["unreachable", "default", "table", self.table]
+        self.change("link", ["ip", "-6", "route", "replace", *route], ["ip", "-6", "route", "del", *route])
+
+    def ipv4_home(self, addr: str, inner_mtu: int) -> None:
+        """The IPv4 home address (RFC 5555 4.5) on the TUN with its source route; a new one
+        replaces the old. Idempotent."""
+        if self.ipv4_hoa == addr:
+            return
+        self.revert("hoa4")
+        rule = ["pref", self.pref, "from", f"{addr}/32", "lookup", self.ipv4_table]
+        route = ["default", "dev", self.tun, "table", self.ipv4_table]
+        self.change("hoa4", ["ip", "-4", "addr", "add", f"{addr}/32", "dev", self.tun],
+                    ["ip", "-4", "addr", "del", f"{addr}/32", "dev", self.tun])
+        self.change("hoa4", ["ip", "-4", "route", "replace", *route, "mtu", str(inner_mtu)],
+                    ["ip", "-4", "route", "del", *route])
+        self.change("hoa4", ["ip", "-4", "rule", "add", *rule], ["ip", "-4", "rule", "del", *rule])
+        self.ipv4_hoa = addr
+
+    def _away(self, hoa: str, ha: str, inner_mtu: int) -> None:
         if not self.has("away"):
             self.change("away", ["ip", "-6", "addr", "add", f"{hoa}/128", "dev", self.tun, "nodad"],
                         ["ip", "-6", "addr", "del", f"{hoa}/128", "dev", self.tun])
@@ -196,18 +244,19 @@ class MnRoutes(NetConfig):
             default = ["default", "dev", self.tun, "metric", str(TUN_METRIC)]
             self.change("away", ["ip", "-6", "route", "replace", *default, "mtu", str(inner_mtu)],
                         ["ip", "-6", "route", "del", *default])
-        self.revert("link")
-        via = ["via", gateway] if gateway else []
-        route = ["default", *via, "dev", iface, "table", self.table]
-        self.change("link", ["ip", "-6", "route", "replace", *route], ["ip", "-6", "route", "del", *route])
 
     def home(self) -> None:
         self.revert("link")
         self.revert("away")
 
-    def default_gateway(self, iface: str) -> str | None:
-        """The next hop of the main table's IPv6 default route on ``iface`` (learnt from RAs)."""
-        out = self.run(["ip", "-6", "-j", "route", "show", "default", "dev", iface])
+    def cleanup(self) -> list[str]:
+        self.ipv4_hoa = None
+        return super().cleanup()
+
+    def default_gateway(self, iface: str, family: int = 6) -> str | None:
+        """The next hop of the main table's IPv6 (``family`` 4: IPv4) default route on ``iface``
+        (learnt from RAs / DHCP)."""
+        out = self.run(["ip", f"-{family}", "-j", "route", "show", "default", "dev", iface])
         try:
             routes = json.loads(out or "[]")
         except ValueError:
@@ -242,6 +291,7 @@ def send_unsolicited_na(iface: str, target: str) -> None:
 
 
 __all__ = [
+    "DEFAULT_IPV4_TABLE",
     "DEFAULT_TABLE",
     "HOOK_MARK",
     "SEND_MARK",

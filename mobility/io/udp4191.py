@@ -13,7 +13,9 @@ Thin adapters around ``MnTunnel`` / ``HaTunnel`` (``mobility.tunnel``, decisions
   no NAT and no F flag). It reads whole IPv4 packets; sending, the kernel adds the header. The HA
   binds it to its IPv4 address, like its UDP socket, so that the MN sees the address it expects.
 * ``RouteSender`` -- ``send(packet, route)`` for ``mobility.io.tun.pump``: an ``Ipv4Path`` goes
-  to the socket it names, anything else to the IPv6 ``PacketSender``. Errors are counted by errno
+  to the socket it names, an IPv4 packet on ``Route.LOCAL`` (the HA re-sending what was forwarded
+  to an IPv4 home address, for the engine's IPv4 OUTPUT hook) to an unmarked raw IPv4 socket
+  (``RawIpv4Sender``), anything else to the IPv6 ``PacketSender``. Errors are counted by errno
   name, never raised into the loop.
 * ``service_udp`` / ``service_ipip`` -- the loop steps: read, ``tunnel.inbound_udp`` /
   ``inbound_ipip``, write what comes back into the TUN (the engine sees it in raw PREROUTING,
@@ -136,21 +138,42 @@ class IpipSocket(_Ipv4Socket):
         self.sock.sendmsg([payload], _pktinfo(src), 0, (dst, 0))
 
 
+class RawIpv4Sender:
+    """Whole IPv4 packets (header included) out of an unmarked raw socket: local packets the
+    engine's IPv4 OUTPUT hook will see (``Route.LOCAL``)."""
+
+    def __init__(self, mark: int = 0) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        if mark:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+
+    def send(self, packet: bytes) -> None:
+        self.sock.sendto(packet, (socket.inet_ntop(socket.AF_INET, packet[16:20]), 0))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class RouteSender:
     """``send(packet, route)`` for ``tun.pump``: ``Ipv4Path`` -> UDP / protocol 41 (from its
-    ``src`` when given); a ``Route`` -> ``wire`` (the IPv6 ``PacketSender.send``). A path whose
-    socket is missing or a failed send is counted, never raised."""
+    ``src`` when given); an IPv4 packet on ``Route.LOCAL`` -> ``local4``; another ``Route`` ->
+    ``wire`` (the IPv6 ``PacketSender.send``). A path whose socket is missing or a failed send is
+    counted, never raised."""
 
     def __init__(self, wire: Callable[[bytes, Route], None] | None, udp: UdpTunnelSocket | None,
-                 ipip: IpipSocket | None = None) -> None:
+                 ipip: IpipSocket | None = None, local4: RawIpv4Sender | None = None) -> None:
         self.wire = wire
         self.udp = udp
         self.ipip = ipip
-        self.sent = {"udp": 0, "ipip": 0, "wire": 0}
+        self.local4 = local4
+        self.sent = {"udp": 0, "ipip": 0, "wire": 0, "local4": 0}
         self.errors: dict[str, int] = {}
 
     def send(self, packet: bytes, route: Route | Ipv4Path) -> None:
         if route.__class__ is not Ipv4Path:
+            if packet[0] >> 4 == 4:
+                self._local4(packet)
+                return
             if self.wire is None:
                 self._error("no-ipv6-sender")
                 return
@@ -173,6 +196,17 @@ class RouteSender:
                 self.sent["ipip"] += 1
         except OSError as exc:
             self._error(errno.errorcode.get(exc.errno or 0, str(exc.errno)))
+
+    def _local4(self, packet: bytes) -> None:
+        if self.local4 is None:
+            self._error("no-ipv4-sender")
+            return
+        try:
+            self.local4.send(packet)
+        except OSError as exc:
+            self._error(errno.errorcode.get(exc.errno or 0, str(exc.errno)))
+            return
+        self.sent["local4"] += 1
 
     def _error(self, name: str) -> None:
         self.errors[name] = self.errors.get(name, 0) + 1
@@ -275,6 +309,7 @@ def control_inbound_seq(path: str | os.PathLike[str], timeout: float = 0.5) -> I
 __all__ = [
     "Counters",
     "IpipSocket",
+    "RawIpv4Sender",
     "RouteSender",
     "UdpTunnelSocket",
     "control_inbound_seq",
