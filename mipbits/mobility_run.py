@@ -24,6 +24,14 @@ closed) with status 1.
     interfaces = ["home", "v1"]      # required: the links to watch, in order of preference
     lifetime = 600                   # requested binding lifetime, seconds (4..262140)
     first_reg_timeout = 1.5          # InitialBindackTimeoutFirstReg (RFC 6275 13)
+    # DSMIPv6 (RFC 5555; docs/dsmipv6.md): with home_agent_ipv4 the MN also watches IPv4-only
+    # links and registers an IPv4 care-of address there (BU in UDP to the HA's port 4191)
+    home_agent_ipv4 = "198.51.100.2" # the HA's IPv4 address
+    ipv4_hoa = "0.0.0.0"             # ask for an IPv4 home address (0.0.0.0: any; an address:
+                                     #   that one, configured on the TUN from the start)
+    force_udp = false                # the F flag: data in UDP even without a NAT
+    nat_keepalive = 110              # NATKATIMEOUT when the HA's NAT Detection option says 0
+    udp_port = 0                     # the MN's UDP source port (0: the kernel picks one)
 
 ``[ha]`` keys::
 
@@ -35,6 +43,17 @@ closed) with status 1.
     max_lifetime = 3600              # the HA's cap on a binding, seconds
     max_bindings = 1024
     table = 202                      # routing table of packets forwarded to served HoAs (into the TUN)
+    # DSMIPv6 (RFC 5555): UDP 4191 and protocol 41 on the HA's IPv4 address
+    ipv4_address = "198.51.100.2"    # the HA's IPv4 address
+    ipv4_pool = ["198.18.1.200"]     # dynamic IPv4 home addresses
+    ipv4_static = { "2001:db8:1::100" = "198.18.1.100" }   # static ones (served at home too)
+    nat_refresh_time = 110           # NATKATIMEOUT sent in the NAT Detection option, seconds
+    accept_force_udp = true          # honour the F flag (else BA status 144)
+    force_udp = false                # UDP encapsulation for every IPv4 CoA
+
+An IPv4 home address travels as IPv4 inside the IPv6 tunnel SA: the engine's result is of the
+other IP version, which NFQUEUE cannot carry, so the engine runs wrapped in
+``bits.io.crossfamily.CrossFamilyEngine`` (raw-socket emission, ``[rules]`` emitted mark).
 
 Both: ``mode = "api" | "heuristic"`` (``--mode`` wins), ``tun = "mip6tnl"``, ``hook_queue = 7``,
 ``path_mtu = 1500``.
@@ -60,6 +79,7 @@ from bits.constants import AuthAlg, EncAlg, Mode
 from bits.engine import Engine
 from bits.errors import BitsError, ConfigError
 from bits.io.control import ControlError, ControlServer, RequestError, control_request
+from bits.io.crossfamily import CrossFamilyEmitter, CrossFamilyEngine
 from bits.io.iptables import rules_install, rules_remove
 from bits.io.nfqueue import run_processor
 from bits.io.tracefile import TraceSettings, open_trace_writer
@@ -75,6 +95,7 @@ from mobility.io.homelink import DEFAULT_HOME_TABLE, HaHomeLink, MnHomeLink, sen
 from mobility.io.hook import DEFAULT_QUEUE, HookRules, InboundHook
 from mobility.io.mhsock import MhSocket, PacketSender
 from mobility.io.netlink import (
+    RTMGRP_IPV4_IFADDR,
     RTMGRP_IPV6_IFADDR,
     RTMGRP_LINK,
     NetlinkMonitor,
@@ -82,9 +103,19 @@ from mobility.io.netlink import (
     dump,
     locate,
 )
-from mobility.io.routes import HaRoutes, MnRoutes
+from mobility.io.routes import SEND_MARK, HaRoutes, MnRoutes
 from mobility.io.tun import DEFAULT_NAME as DEFAULT_TUN
 from mobility.io.tun import TunDevice, pump
+from mobility.io.udp4191 import (
+    Counters,
+    IpipSocket,
+    RawIpv4Sender,
+    RouteSender,
+    UdpTunnelSocket,
+    control_inbound_seq,
+    service_ipip,
+    service_udp,
+)
 from mobility.mh import MobilityMessage
 from mobility.node import HomeAgent, Location, MobileNode
 from mobility.tunnel import (
@@ -98,11 +129,14 @@ from mobility.tunnel import (
     make_classifier,
     tunnel_mtus,
 )
+from mobility.udp4191 import DSMIPV6_PORT, DSMIPV6_RESERVE
 
 LOG = logging.getLogger("mipbits.mobility")
 
 MODES = ("api", "heuristic")
 RTMGRP_IPV6_ROUTE = 0x400  # route changes wake movement detection too (the gateway may come late)
+RTMGRP_IPV4_ROUTE = 0x40
+EXPIRE_RECORDS_EVERY = 1.0  # seconds: the HA forgets outer records no authenticated BU claimed
 IPV6_FREEBIND = 78  # linux/in6.h: bind the HoA before it is configured anywhere
 ENGINE_START_TIMEOUT = 30.0
 ENGINE_STOP_TIMEOUT = 10.0
@@ -132,12 +166,26 @@ class MnSettings:
     tun: str
     hook_queue: int
     path_mtu: int
+    ha_ipv4: ipaddress.IPv4Address | None = None  # DSMIPv6 when set
+    ipv4_hoa: ipaddress.IPv4Address | None = None  # None: none asked for; 0.0.0.0: any
+    force_udp: bool = False
+    nat_keepalive: float = 110.0
+    udp_port: int = 0
 
     role = "mn"
 
     @property
     def address(self) -> ipaddress.IPv6Address:
         return self.hoa
+
+    @property
+    def dsmipv6(self) -> bool:
+        return self.ha_ipv4 is not None
+
+    @property
+    def ipv4_home(self) -> bool:
+        """IPv4 home address traffic (IPv4 inside the IPv6 tunnel SA) on this node?"""
+        return self.ipv4_hoa is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,15 +201,31 @@ class HaSettings:
     tun: str
     hook_queue: int
     path_mtu: int
+    ipv4_address: ipaddress.IPv4Address | None = None  # DSMIPv6 when set
+    ipv4_pool: tuple[ipaddress.IPv4Address, ...] = ()
+    ipv4_static: tuple[tuple[ipaddress.IPv6Address, ipaddress.IPv4Address], ...] = ()
+    nat_refresh_time: int = 110
+    accept_force_udp: bool = True
+    force_udp: bool = False
 
     role = "ha"
+
+    @property
+    def dsmipv6(self) -> bool:
+        return self.ipv4_address is not None
+
+    @property
+    def ipv4_home(self) -> bool:
+        return bool(self.ipv4_pool or self.ipv4_static)
 
 
 _COMMON = {"mode", "tun", "hook_queue", "path_mtu"}
 _KEYS = {
-    "mn": _COMMON | {"hoa", "home_agent", "home_prefix", "interfaces", "lifetime", "first_reg_timeout"},
+    "mn": _COMMON | {"hoa", "home_agent", "home_prefix", "interfaces", "lifetime", "first_reg_timeout",
+                     "home_agent_ipv4", "ipv4_hoa", "force_udp", "nat_keepalive", "udp_port"},
     "ha": _COMMON | {"address", "home_prefix", "home_interface", "mobile_nodes", "max_lifetime",
-                     "max_bindings", "table"},
+                     "max_bindings", "table", "ipv4_address", "ipv4_pool", "ipv4_static", "nat_refresh_time",
+                     "accept_force_udp", "force_udp"},
 }
 
 
@@ -204,6 +268,21 @@ class _Section:
             raise self.fail(key, f"not an IPv6 address: {text!r}") from None
         if addr.is_multicast or addr.is_unspecified or addr.is_loopback or addr.is_link_local:
             raise self.fail(key, f"{addr} is not a unicast routable address")
+        return addr
+
+    def address4(self, key: str, text: Any = ..., unspecified: bool = False) -> ipaddress.IPv4Address:
+        """An IPv4 unicast address (``unspecified``: 0.0.0.0 allowed too)."""
+        if text is ...:
+            text = self.value(key, (str,))
+        try:
+            addr = ipaddress.IPv4Address(text)
+        except (ValueError, TypeError):
+            raise self.fail(key, f"not an IPv4 address: {text!r}") from None
+        if addr.is_unspecified and unspecified:
+            return addr
+        if addr.is_multicast or addr.is_unspecified or addr.is_loopback or addr.is_reserved or addr.is_link_local \
+                or addr == ipaddress.IPv4Address("255.255.255.255"):
+            raise self.fail(key, f"{addr} is not a unicast address")
         return addr
 
     def prefix(self, key: str) -> ipaddress.IPv6Network:
@@ -271,8 +350,26 @@ def _mn_settings(sect: _Section, prefix: ipaddress.IPv6Network, common: dict[str
         hoa=hoa, ha=ha, home_prefix=prefix, interfaces=interfaces,
         lifetime=sect.number("lifetime", 600, 4, 262140),
         first_reg_timeout=sect.number("first_reg_timeout", 1.5, 0.1, 60),
-        **common,
+        **common, **_mn_dsmipv6(sect),
     )
+
+
+def _mn_dsmipv6(sect: _Section) -> dict[str, Any]:
+    """The DSMIPv6 keys of ``[mn]`` (RFC 5555); none of them without ``home_agent_ipv4``."""
+    raw = sect.raw
+    if "home_agent_ipv4" not in raw:
+        extra = sorted({"ipv4_hoa", "force_udp", "nat_keepalive", "udp_port"} & set(raw))
+        if extra:
+            raise sect.fail(extra[0], "needs home_agent_ipv4 (DSMIPv6)")
+        return {}
+    ipv4_hoa = sect.address4("ipv4_hoa", unspecified=True) if "ipv4_hoa" in raw else None
+    return {
+        "ha_ipv4": sect.address4("home_agent_ipv4"),
+        "ipv4_hoa": ipv4_hoa,
+        "force_udp": sect.value("force_udp", (bool,), False),
+        "nat_keepalive": sect.number("nat_keepalive", 110, 1, 65535),
+        "udp_port": sect.number("udp_port", 0, 0, 65535, integer=True),
+    }
 
 
 def _ha_settings(sect: _Section, prefix: ipaddress.IPv6Network, common: dict[str, Any]) -> HaSettings:
@@ -293,8 +390,39 @@ def _ha_settings(sect: _Section, prefix: ipaddress.IPv6Network, common: dict[str
         max_lifetime=sect.number("max_lifetime", 3600, 4, 262140),
         max_bindings=sect.number("max_bindings", 1024, 1, 1 << 20, integer=True),
         table=sect.number("table", DEFAULT_HOME_TABLE, 1, 252, integer=True),
-        **common,
+        **common, **_ha_dsmipv6(sect, prefix),
     )
+
+
+def _ha_dsmipv6(sect: _Section, prefix: ipaddress.IPv6Network) -> dict[str, Any]:
+    """The DSMIPv6 keys of ``[ha]`` (RFC 5555); none of them without ``ipv4_address``."""
+    raw = sect.raw
+    keys = {"ipv4_pool", "ipv4_static", "nat_refresh_time", "accept_force_udp", "force_udp"}
+    if "ipv4_address" not in raw:
+        extra = sorted(keys & set(raw))
+        if extra:
+            raise sect.fail(extra[0], "needs ipv4_address (DSMIPv6)")
+        return {}
+    pool = tuple(sect.address4("ipv4_pool", a) for a in sect.value("ipv4_pool", (list,), []))
+    static = []
+    for hoa_text, addr in dict(sect.value("ipv4_static", (dict,), {})).items():
+        try:
+            hoa = ipaddress.IPv6Address(hoa_text)
+        except ValueError:
+            raise sect.fail("ipv4_static", f"not an IPv6 home address: {hoa_text!r}") from None
+        sect.on_prefix("ipv4_static", hoa, prefix)
+        static.append((hoa, sect.address4("ipv4_static", addr)))
+    taken = [a for _, a in static] + list(pool)
+    if len(set(taken)) != len(taken):
+        raise sect.fail("ipv4_pool", "an IPv4 home address is listed twice (pool and static)")
+    return {
+        "ipv4_address": sect.address4("ipv4_address"),
+        "ipv4_pool": pool,
+        "ipv4_static": tuple(static),
+        "nat_refresh_time": sect.number("nat_refresh_time", 110, 1, 65534, integer=True),
+        "accept_force_udp": sect.value("accept_force_udp", (bool,), True),
+        "force_udp": sect.value("force_udp", (bool,), False),
+    }
 
 
 def mtu_plan(cfg: NodeConfig, settings: MnSettings | HaSettings) -> MtuPlan:
@@ -305,7 +433,8 @@ def mtu_plan(cfg: NodeConfig, settings: MnSettings | HaSettings) -> MtuPlan:
         LOG.warning("no tunnel-mode SA for %s in %s: sizing the tunnel for AES-CBC + HMAC-SHA-256",
                     settings.address, cfg.sa_file)
         shapes = [_LARGEST_SHAPE]
-    plans = [tunnel_mtus(settings.path_mtu, s) for s in shapes]
+    reserve = {"reserve": DSMIPV6_RESERVE} if settings.dsmipv6 else {}  # IPv4 + UDP: 28 octets, not 24
+    plans = [tunnel_mtus(settings.path_mtu, s, **reserve) for s in shapes]
     plan = min(plans, key=lambda p: p.inner_mtu)
     if plan.inner_mtu < 1280:
         raise ConfigError(f"[{settings.role}] path_mtu: {settings.path_mtu} leaves {plan.inner_mtu} octets "
@@ -354,11 +483,14 @@ class MobilityTrace:
         if self.writer is None or not (self.all or t.drop is not None or t.kind.value not in ("data", "plain")):
             return
         d = t.to_dict()
-        self.writer.write(make_record(
-            "drop" if t.drop is not None else "tunnel", "mobility", None,
-            {"direction": d["direction"], "reason": d["drop"], "spi": t.spi, "mode": d["mode"], "kind": d["kind"],
-             "why": d["reason"], "hoa": d["hoa"], "coa": d["coa"],
-             "detail": f"{d['kind']} {d['mode']} {d['reason'] or ''} coa {d['coa'] or '-'}".replace("  ", " ")}))
+        fields = {"direction": d["direction"], "reason": d["drop"], "spi": t.spi, "mode": d["mode"],
+                  "kind": d["kind"], "why": d["reason"], "hoa": d["hoa"], "coa": d["coa"]}
+        detail = f"{d['kind']} {d['mode']} {d['reason'] or ''} coa {d['coa'] or '-'}"
+        if t.outer is not None:  # DSMIPv6: the IPv4 path chosen, or the outer address recorded/seen
+            fields["outer"] = t.outer
+            detail += f" outer {t.outer}"
+        fields["detail"] = detail.replace("  ", " ")
+        self.writer.write(make_record("drop" if t.drop is not None else "tunnel", "mobility", None, fields))
 
     def flush(self) -> None:
         if self.writer is not None:
@@ -381,6 +513,20 @@ def _die_with_parent() -> None:
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM, 0, 0, 0)
+
+
+def cross_family(cfg: NodeConfig, engine_factory: EngineFactory) -> EngineFactory:
+    """The engine factory with every engine wrapped in ``CrossFamilyEngine``: its IPv4-in-IPv6
+    results (the IPv4 home address in the IPv6 tunnel SA) leave through raw sockets marked with
+    ``[rules]``'s emitted mark, on which the engine's rules RETURN (bits/io/crossfamily.py)."""
+    mark = cfg.rules.emitted_mark
+    if not mark:
+        raise ConfigError("an IPv4 home address needs the engine rules' emitted mark (it is 0)", path=cfg.path)
+
+    def factory(*args: Any, **kwargs: Any) -> Any:
+        return CrossFamilyEngine(engine_factory(*args, **kwargs), CrossFamilyEmitter(mark))
+
+    return factory
 
 
 class EngineChild:
@@ -492,6 +638,8 @@ class NodeRuntime:
         self.cfg = cfg
         self.settings = settings
         self.plan = plan
+        if settings.ipv4_home:
+            engine_factory = cross_family(cfg, engine_factory)
         self.engine = EngineChild(cfg, engine_factory)
         self.stopping = False
         self.reload = False
@@ -504,8 +652,15 @@ class NodeRuntime:
         self.tunnel: MnTunnel | HaTunnel | None = None
         self.hook: InboundHook | None = None
         self.sender: PacketSender | None = None
+        self.route_sender: RouteSender | None = None  # IPv6 via ``sender``, IPv4 paths via the sockets
         self.tun: TunDevice | None = None
         self.mh: MhSocket | None = None
+        self.classifier: Any = None
+        # DSMIPv6 (RFC 5555): UDP 4191 and protocol 41
+        self.udp: UdpTunnelSocket | None = None
+        self.ipip: IpipSocket | None = None
+        self.ipv4_in = Counters()
+        self.expire_at = 0.0
         # mobile node only
         self.netlink: NetlinkMonitor | None = None
         self.net = NetState()
@@ -570,15 +725,22 @@ class NodeRuntime:
         s = self.settings
         self.tun = TunDevice(s.tun, mtu=self.plan.device_mtu)
         stack.callback(_safe(self.tun.close, "TUN"))
-        classifier = make_classifier(s.mode, s.role, *control_queries(self.cfg.control_socket))
+        # heuristic mode never calls these (a test runs it with the control socket unreachable)
+        classifier = self.classifier = make_classifier(s.mode, s.role, *control_queries(self.cfg.control_socket))
+        self.sender = PacketSender()
+        stack.callback(_safe(self.sender.close, "raw sockets"))
+        if s.dsmipv6:
+            self._build_ipv4_sockets(stack, s)
+        local4 = RawIpv4Sender() if s.ipv4_home else None
+        if local4 is not None:
+            stack.callback(_safe(local4.close, "raw IPv4 socket"))
+        self.route_sender = RouteSender(self.sender.send, self.udp, self.ipip, local4)
         if isinstance(s, MnSettings):
             self._build_mn(stack, s, classifier)
         else:
             self._build_ha(stack, s, classifier)
         assert self.tunnel is not None and self.mh is not None
         stack.callback(_safe(self.mh.close, "MH socket"))
-        self.sender = PacketSender()
-        stack.callback(_safe(self.sender.close, "raw sockets"))
         self.hook = InboundHook(self.tunnel, s.hook_queue)
         self.hook.bind()
         stack.callback(_safe(self.hook.close, "hook"))
@@ -588,10 +750,27 @@ class NodeRuntime:
         self._watch(self.hook.fileno(), self.hook.service)
         self._watch(self.mh.fileno(), self._on_mh)
         self._watch(control.fileno(), lambda: control.service(0))
+        if self.udp is not None and self.ipip is not None:
+            self._watch(self.udp.fileno(), self._on_udp)
+            self._watch(self.ipip.fileno(), self._on_ipip)
+
+    def _build_ipv4_sockets(self, stack: contextlib.ExitStack, s: MnSettings | HaSettings) -> None:
+        """UDP (HA: its IPv4 address, port 4191; MN: one port for every IPv4 CoA) and protocol 41.
+        Marked SEND_MARK (the tunnel's) and the engine rules' emitted mark: what they send is the
+        engine's ESP already, and the engine's IPv4 rules RETURN on that mark."""
+        mark = SEND_MARK | self.cfg.rules.emitted_mark
+        if isinstance(s, HaSettings):
+            self.udp = UdpTunnelSocket(str(s.ipv4_address), DSMIPV6_PORT, mark=mark)
+        else:
+            self.udp = UdpTunnelSocket("0.0.0.0", s.udp_port, mark=mark)
+        stack.callback(_safe(self.udp.close, "UDP socket"))
+        bind = str(s.ipv4_address) if isinstance(s, HaSettings) else None
+        self.ipip = IpipSocket(bind, mark=mark)
+        stack.callback(_safe(self.ipip.close, "protocol-41 socket"))
 
     def _build_mn(self, stack: contextlib.ExitStack, s: MnSettings, classifier: Any) -> None:
         assert self.tun is not None
-        self.tunnel = MnTunnel(s.hoa, s.ha, classifier, path_mtu=s.path_mtu, tracing=self.trace.on)
+        self.tunnel = MnTunnel(s.hoa, s.ha, classifier, path_mtu=s.path_mtu, tracing=self.trace.on, ha_ipv4=s.ha_ipv4)
         routes = MnRoutes(self.tun.name)
         stack.callback(_safe(routes.cleanup, "routes"))
         routes.setup()
@@ -601,36 +780,48 @@ class NodeRuntime:
         self.mh = _mh_socket(s.hoa, freebind=True)
         bul = BindingUpdateList(
             MobileNodeConfig(hoa=s.hoa, ha=s.ha, lifetime=s.lifetime, home_prefix=s.home_prefix,
-                             first_reg_timeout=s.first_reg_timeout),
+                             first_reg_timeout=s.first_reg_timeout, ha_ipv4=s.ha_ipv4, ipv4_hoa=s.ipv4_hoa,
+                             force_udp=s.force_udp, nat_keepalive=s.nat_keepalive),
             rand=os.urandom,
         )
         self.node = MobileNode(bul, self.tunnel, routes, home_link, self._send, inner_mtu=self.plan.inner_mtu,
                                trace=self.trace.control)
-        self.netlink = NetlinkMonitor(RTMGRP_LINK | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE)  # before the dump
+        if s.ipv4_hoa is not None and not s.ipv4_hoa.is_unspecified:
+            self.node.start_ipv4_home(s.ipv4_hoa)  # ours by configuration, like the HoA
+        groups = RTMGRP_LINK | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE
+        if s.dsmipv6:  # IPv4-only links are visited networks too (RFC 5555 4.4.1)
+            groups |= RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE
+        self.netlink = NetlinkMonitor(groups)  # before the dump
         stack.callback(_safe(self.netlink.close, "netlink"))
-        self.net.apply(dump())
+        self.net.apply(dump(ipv4=s.dsmipv6))
         self._watch(self.netlink.fileno(), self._on_netlink)
         self._relocate(time.monotonic())
 
     def _build_ha(self, stack: contextlib.ExitStack, s: HaSettings, classifier: Any) -> None:
         assert self.tun is not None
         table = BindingTable()
+        # api mode: the record of the BU the engine authenticated is found by its sequence number
+        inbound_seq = control_inbound_seq(self.cfg.control_socket) if s.mode == "api" and s.dsmipv6 else None
         self.tunnel = HaTunnel(s.address, table, classifier, path_mtu=s.path_mtu,
-                               inner_mtu=self.plan.inner_mtu, tracing=self.trace.on)
+                               inner_mtu=self.plan.inner_mtu, tracing=self.trace.on, inbound_seq=inbound_seq)
         # proxy NAs not looped back to ourselves (send_unsolicited_na's would teach the HA's own
         # neighbour table that the HoA is at the HA's address)
         routes = HaRoutes(self.tun.name, s.home_interface, announce=lambda iface, hoa: send_na(iface, hoa))
         stack.callback(_safe(routes.cleanup, "routes"))
         routes.setup()
-        home_link = HaHomeLink(self.tun.name, s.home_interface, table=s.table)
+        if s.ipv4_home:
+            routes.setup_ipv4()
+        home_link = HaHomeLink(self.tun.name, s.home_interface, table=s.table, inner_mtu=self.plan.inner_mtu)
         stack.callback(_safe(home_link.cleanup, "home routes"))
         home_link.setup()
         cache = BindingCache(HomeAgentConfig(
             home_prefixes=(s.home_prefix,), mobile_nodes=frozenset(s.mobile_nodes) or None,
-            max_lifetime=s.max_lifetime, max_bindings=s.max_bindings))
+            max_lifetime=s.max_lifetime, max_bindings=s.max_bindings, ipv4_pool=s.ipv4_pool,
+            ipv4_static=dict(s.ipv4_static), nat_refresh_time=s.nat_refresh_time,
+            accept_force_udp=s.accept_force_udp, force_udp=s.force_udp))
         self.mh = _mh_socket(s.address, freebind=False)
         self.node = HomeAgent(cache, table, self.tunnel, routes, home_link, self._send, address=s.address,
-                              mobile_nodes=s.mobile_nodes, trace=self.trace.control)
+                              mobile_nodes=s.mobile_nodes, trace=self.trace.control, ipv4_static=dict(s.ipv4_static))
         self.node.start()
 
     def _watch(self, fd: int, action: Callable[[], None]) -> None:
@@ -676,6 +867,9 @@ class NodeRuntime:
         deadline = node.next_timer()
         if deadline is not None and now >= deadline:
             self._dispatch(lambda: node.handle_timer(now))
+        if isinstance(self.tunnel, HaTunnel) and now >= self.expire_at:
+            self.expire_at = now + EXPIRE_RECORDS_EVERY
+            self.tunnel.expire_records(now)  # garbage never claimed by an authenticated BU
 
     def _drain_traces(self) -> None:
         if self.tunnel is not None and self.tunnel.events:
@@ -694,8 +888,18 @@ class NodeRuntime:
     # --- handlers ---
 
     def _on_tun(self) -> None:
-        assert self.tun is not None and self.tunnel is not None and self.sender is not None
-        pump(self.tun, self.tunnel, self.sender.send, time.monotonic())
+        assert self.tun is not None and self.tunnel is not None and self.route_sender is not None
+        pump(self.tun, self.tunnel, self.route_sender.send, time.monotonic())  # type: ignore[arg-type]
+
+    def _on_udp(self) -> None:
+        """UDP 4191: the IPv6 packet inside goes into the TUN, below the engine (HA: Req #4
+        records the outer address and port first)."""
+        assert self.udp is not None and self.tun is not None
+        service_udp(self.udp, self.tunnel, self.tun.write, time.monotonic(), self.ipv4_in)  # type: ignore[arg-type]
+
+    def _on_ipip(self) -> None:
+        assert self.ipip is not None and self.tun is not None
+        service_ipip(self.ipip, self.tunnel, self.tun.write, time.monotonic(), self.ipv4_in)  # type: ignore[arg-type]
 
     def _on_mh(self) -> None:
         assert self.mh is not None and self.node is not None
@@ -734,12 +938,13 @@ class NodeRuntime:
         s, node, routes = self.settings, self.node, self.routes_mn
         assert isinstance(s, MnSettings) and isinstance(node, MobileNode) and routes is not None
         where = locate(self.net, s.interfaces, s.home_prefix)
-        loc = Location(where.kind, where.interface, where.coa)
+        loc = Location(where.kind, where.interface, where.coa, ipv4_coa=where.ipv4_coa)
         current = node.location
         if (loc.kind, loc.interface, loc.coa) == (current.kind, current.interface, current.coa):
             self.pending = None
             return
-        gateway = routes.default_gateway(loc.interface) if loc.interface else None
+        family = 4 if loc.coa is not None and loc.coa.version == 4 else 6  # IPv4-only: the DHCP router
+        gateway = routes.default_gateway(loc.interface, family) if loc.interface else None
         if loc.kind == "away" and gateway is None:
             if self.pending != loc:
                 self.pending, self.pending_since = loc, now
@@ -747,7 +952,7 @@ class NodeRuntime:
                 self.relocate_at = now + GATEWAY_RETRY  # the router's route may still be on its way
                 return
         self.pending = None
-        node.moved(Location(loc.kind, loc.interface, loc.coa, gateway), now)
+        node.moved(Location(loc.kind, loc.interface, loc.coa, gateway, loc.ipv4_coa), now)
 
     # --- control socket ---
 
@@ -776,7 +981,17 @@ class NodeRuntime:
             if self.sender else {},
             mh_errors=self.mh_errors,
             send_errors=dict(self.send_errors),
+            queries=getattr(self.classifier, "queries", None),  # engine queries (api); None: heuristic
         )
+        if self.settings.dsmipv6 and self.route_sender is not None:
+            s = self.settings
+            st["dsmipv6"] = {
+                "ha_ipv4": str(s.ha_ipv4 if isinstance(s, MnSettings) else s.ipv4_address),
+                "udp_port": self.udp.port if self.udp is not None else None,
+                "sent": dict(self.route_sender.sent),
+                "send_errors": dict(self.route_sender.errors),
+                "received": dict(self.ipv4_in.counts),
+            }
         return st
 
 
@@ -824,14 +1039,23 @@ def _mn_lines(d: Mapping[str, Any]) -> list[str]:
     if binding:
         lines.append(f"  binding   CoA {binding['coa']}, lifetime {binding['lifetime']} s, expires in "
                      f"{binding['expires_in']:.0f} s, refresh in {binding['refresh_in']:.0f} s")
+        if ":" not in binding["coa"]:  # an IPv4 CoA (DSMIPv6)
+            how = ("NAT detected, data in UDP" if binding.get("nat_detected") else
+                   "data in UDP (F)" if binding.get("udp_encap") else "no NAT, data IPv6-in-IPv4")
+            keep = f", keepalive every {binding['keepalive']:.0f} s" if binding.get("keepalive") else ""
+            lines.append(f"  DSMIPv6   {how}{keep}")
+    if d.get("ipv4_hoa"):
+        lines.append(f"  IPv4 HoA  {d['ipv4_hoa']} (on the tunnel)")
     if bul.get("outstanding"):
         lines.append(f"  waiting   for the BA to seq {bul['outstanding']['seq']}")
     history = d.get("history") or []
     if history:
         lines.append("  registrations (latest last):")
         for h in history[-8:]:
+            nat = "" if h.get("nat_detected") is None or ":" in h["coa"] else (
+                " NAT" if h["nat_detected"] else " no NAT")
             lines.append(f"    {h['kind']:<10} CoA {h['coa']:<28} seq {h['seq']:<5} status {h['status']:<3} "
-                         f"BU->BA {h['bu_to_ba'] * 1000:.1f} ms ({h['bus']} BU)")
+                         f"BU->BA {h['bu_to_ba'] * 1000:.1f} ms ({h['bus']} BU){nat}")
     return lines
 
 
@@ -841,6 +1065,12 @@ def _ha_lines(d: Mapping[str, Any]) -> list[str]:
     for b in bindings:
         lines.append(f"    {b['hoa']} -> {b['coa']}  seq {b['seq']}  {b['state']}  lifetime {b['lifetime']} s, "
                      f"{b['remaining']:.0f} s left")
+        if b.get("udp_source"):
+            how = ("NAT detected, data in UDP" if b.get("nat_detected") else
+                   "data in UDP (F)" if b.get("udp_encap") else "no NAT, data IPv6-in-IPv4")
+            lines.append(f"      outer {b['udp_source']}: {how}")
+        if b.get("ipv4_hoa"):
+            lines.append(f"      IPv4 HoA {b['ipv4_hoa']}")
     lines.append(f"  at home: {', '.join(d.get('at_home') or []) or '-'}")
     statuses = d.get("ba_status") or {}
     if statuses:
@@ -858,6 +1088,11 @@ def _tunnel_lines(d: Mapping[str, Any]) -> list[str]:
     hook = d.get("hook") or {}
     if hook:
         lines.append("  hook      " + ", ".join(f"{k} {v}" for k, v in hook.items()))
+    ds = d.get("dsmipv6")
+    if ds:
+        sent = ", ".join(f"{k} {v}" for k, v in (ds.get("sent") or {}).items() if v) or "-"
+        lines.append(f"  DSMIPv6   HA {ds.get('ha_ipv4')}, UDP port {ds.get('udp_port')}; sent {sent}; "
+                     f"in {', '.join(f'{k} {v}' for k, v in (ds.get('received') or {}).items())}")
     mtu = d.get("mtu")
     if mtu:
         lines.append(f"  MTU       path {mtu['path']}, TUN {mtu['device']}, inside the tunnel {mtu['inner']}")

@@ -56,9 +56,14 @@ HA_OK = 'address = "2001:db8:1::1"\nhome_prefix = "2001:db8:1::/64"\nhome_interf
 
 def test_the_testbed_examples_parse():
     mn = mobility_settings(load_node_config(EXAMPLES / "mn.toml"))
-    assert (mn.hoa, mn.ha, mn.interfaces, mn.lifetime, mn.mode) == (HOA, HA, ("home", "v1", "v2"), 60, "api")
+    assert (mn.hoa, mn.ha, mn.interfaces, mn.lifetime, mn.mode) == (
+        HOA, HA, ("home", "v1", "v2", "v4nat", "v4pub"), 60, "api")
+    assert (str(mn.ha_ipv4), str(mn.ipv4_hoa), mn.dsmipv6, mn.ipv4_home) == ("198.51.100.2", "198.18.1.100", True, True)
     ha = mobility_settings(load_node_config(EXAMPLES / "ha.toml"))
     assert (ha.address, ha.home_interface, ha.mobile_nodes, ha.hook_queue) == (HA, "home", (HOA,), 7)
+    assert str(ha.ipv4_address) == "198.51.100.2" and ha.nat_refresh_time == 110 and ha.ipv4_home
+    assert [(str(h), str(a)) for h, a in ha.ipv4_static] == [(str(HOA), "198.18.1.100")]
+    assert mtu_plan(load_node_config(EXAMPLES / "mn.toml"), mn).device_mtu == 1500 - 28  # IPv4 + UDP reserved
 
 
 def test_mode_from_the_command_line_wins(tmp_path):
@@ -103,7 +108,9 @@ def test_a_missing_section_is_an_error(tmp_path):
 
 def test_mtu_plan_follows_the_payload_transform(tmp_path):
     cfg = load_node_config(EXAMPLES / "mn.toml")
-    assert mtu_plan(cfg, mobility_settings(cfg)).inner_mtu == 1402  # AES-GCM (docs/tunnel.md)
+    assert mtu_plan(cfg, mobility_settings(cfg)).inner_mtu == 1398  # AES-GCM, DSMIPv6 (docs/dsmipv6.md)
+    ipv6_only = load_node_config(_node(tmp_path, "mn", MN_OK))
+    assert mtu_plan(ipv6_only, mobility_settings(ipv6_only)).inner_mtu == 1402  # AES-GCM (docs/tunnel.md)
     text = (EXAMPLES / "mn.setkey").read_text().replace(
         "esp 0x1007 -m tunnel -u 7\n    -E aes-gcm-16 0x771de3a556ef9ae7d7ec6ff10404ee3443ce64bd",
         "esp 0x1007 -m tunnel -u 7 -E aes-cbc 0x" + "11" * 16 + " -A hmac-sha256 0x" + "22" * 32)
