@@ -86,7 +86,8 @@ class Engine:
     def process_inbound(self, packet: bytes, now: float) -> bytes | Drop:
         quick = pull_esp_quick(packet)  # the common case: ESP right after a plain IP header
         if quick is not None:
-            return self._inbound_esp(packet, quick[0], quick[1], quick[2], quick[3], now)
+            off, dst, spi, seq = quick
+            return self._inbound_esp(packet, off, dst, spi, seq, now)
         try:
             info = pull_ip(packet)
             if info.proto == _ESP:
