@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import shutil
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,10 +24,18 @@ from mobility.binding import BindingCache, HomeAgentConfig
 from mobility.bul import BindingUpdateList, MnState, MobileNodeConfig
 from mobility.constants import BaStatus, BuFlag
 from mobility.io.homelink import HaHomeLink, MnHomeLink
-from mobility.io.routes import RoutesError
+from mobility.io.routes import MnRoutes, RoutesError
 from mobility.mh import BindingAck, BindingUpdate, pull_mh, push_mh
 from mobility.node import HomeAgent, Location, MobileNode
-from mobility.options import AlternateCareOfAddress, find_option
+from bits.ip import push_ipv6_header
+from mobility.options import (
+    AlternateCareOfAddress,
+    Ipv4AddressAck,
+    Ipv4CareOfAddress,
+    Ipv4HomeAddress,
+    NatDetection,
+    find_option,
+)
 from mobility.tunnel import BindingTable, HaTunnel, HeuristicClassifier, Kind, MnTunnel, Reason, TunnelTrace
 from mobility.tunnel import ClassifyMode
 
@@ -90,6 +99,20 @@ def test_mode_from_the_command_line_wins(tmp_path):
     ("ha", HA_OK + "table = 254", "table", "must be 1..252"),
     ("ha", HA_OK.replace('home_prefix = "2001:db8:1::/64"', 'home_prefix = "2001:db8:1::1/64"'), "home_prefix",
      "not an IPv6 prefix"),
+    # DSMIPv6
+    ("mn", MN_OK + 'ipv4_hoa = "0.0.0.0"', "ipv4_hoa", "needs home_agent_ipv4"),
+    ("mn", MN_OK + 'home_agent_ipv4 = "2001:db8::1"', "home_agent_ipv4", "not an IPv4 address"),
+    ("mn", MN_OK + 'home_agent_ipv4 = "224.0.0.1"', "home_agent_ipv4", "not a unicast address"),
+    ("mn", MN_OK + 'home_agent_ipv4 = "198.51.100.2"\nipv4_hoa = "255.255.255.255"', "ipv4_hoa", "not a unicast"),
+    ("mn", MN_OK + 'home_agent_ipv4 = "198.51.100.2"\nudp_port = 70000', "udp_port", "must be 0..65535"),
+    ("mn", MN_OK + 'home_agent_ipv4 = "198.51.100.2"\nforce_udp = 1', "force_udp", "true or false"),
+    ("ha", HA_OK + "nat_refresh_time = 5", "nat_refresh_time", "needs ipv4_address"),
+    ("ha", HA_OK + 'ipv4_address = "198.51.100.2"\nipv4_pool = ["10.0.0.1", "x"]', "ipv4_pool", "not an IPv4"),
+    ("ha", HA_OK + 'ipv4_address = "198.51.100.2"\nipv4_static = { "2001:db8:2::1" = "10.0.0.1" }', "ipv4_static",
+     "not on the home prefix"),
+    ("ha", HA_OK + 'ipv4_address = "198.51.100.2"\nipv4_static = { "2001:db8:1::100" = "10.0.0.1" }\n'
+     'ipv4_pool = ["10.0.0.1"]', "ipv4_pool", "listed twice"),
+    ("ha", HA_OK + 'ipv4_address = "198.51.100.2"\nnat_refresh_time = 0', "nat_refresh_time", "must be 1..65534"),
 ])
 def test_configuration_errors_name_file_section_and_key(tmp_path, role, section, key, problem):
     path = _node(tmp_path, role, section)
@@ -140,6 +163,12 @@ class FakeMnRoutes:
     def away(self, hoa, ha, iface, gateway, inner_mtu):
         self.log.append(("routes.away", hoa, ha, iface, gateway, inner_mtu))
 
+    def away_ipv4(self, hoa, ha, inner_mtu):
+        self.log.append(("routes.away_ipv4", hoa, ha, inner_mtu))
+
+    def ipv4_home(self, addr, inner_mtu):
+        self.log.append(("routes.ipv4_home", addr, inner_mtu))
+
     def home(self):
         self.log.append(("routes.home",))
 
@@ -177,6 +206,12 @@ class FakeHaHome:
 
     def arrived(self, hoa):
         self.log.append(("home.arrived", A(hoa)))
+
+    def serve_ipv4(self, hoa4):
+        self.log.append(("home.serve_ipv4", ipaddress.IPv4Address(hoa4)))
+
+    def release_ipv4(self, hoa4):
+        self.log.append(("home.release_ipv4", ipaddress.IPv4Address(hoa4)))
 
 
 def _mn(log: Log, seq: int = 100) -> MobileNode:
@@ -398,6 +433,128 @@ def test_ha_ignores_other_messages():
     assert not _sent(log) and ha.counters["mh_ignored"] == 1
 
 
+# --- DSMIPv6: IPv4 care-of addresses, UDP 4191, the IPv4 home address ------------------------------------------
+
+HA4, PRIV, NAT = ipaddress.IPv4Address("198.51.100.2"), ipaddress.IPv4Address("192.168.1.100"), "100.64.0.2"
+HOA4 = ipaddress.IPv4Address("198.18.1.100")
+
+
+def _mn4(log: Log, seq: int = 100) -> MobileNode:
+    bul = BindingUpdateList(MobileNodeConfig(hoa=HOA, ha=HA, lifetime=60, home_prefix="2001:db8:1::/64", ha_ipv4=HA4,
+                                             ipv4_hoa=ipaddress.IPv4Address("0.0.0.0")),
+                            rand=lambda n: seq.to_bytes(n, "big"))
+    tunnel = MnTunnel(HOA, HA, HeuristicClassifier(), ha_ipv4=HA4)
+
+    def send(msg, dst, src):
+        log.append(("send", msg, dst, src, tunnel.expecting, tunnel.pending))
+
+    return MobileNode(bul, tunnel, FakeMnRoutes(log), FakeMnHome(log), send, inner_mtu=1398,
+                      trace=lambda ev, f: log.append(("trace", ev, dict(f))))
+
+
+def _ha4(log: Log, static: bool = True) -> HomeAgent:
+    table = BindingTable()
+    tunnel = HaTunnel(HA, table, HeuristicClassifier())
+    cfg = HomeAgentConfig(home_prefixes=("2001:db8:1::/64",), ipv4_static={HOA: HOA4} if static else {},
+                          ipv4_pool=() if static else (HOA4,), nat_refresh_time=110)
+
+    def send(msg, dst, src):
+        log.append(("send", msg, dst, src, dict(tunnel._ba_dst)))
+
+    return HomeAgent(BindingCache(cfg), table, tunnel, FakeHaRoutes(log), FakeHaHome(log), send, address=HA,
+                     mobile_nodes=[HOA], trace=lambda ev, f: log.append(("trace", ev, dict(f))),
+                     ipv4_static={HOA: HOA4} if static else None)
+
+
+def _bu4(seq: int, coa: ipaddress.IPv4Address, lifetime: int = 15) -> BindingUpdate:
+    return BindingUpdate(seq, BuFlag.A | BuFlag.H, lifetime,
+                         (Ipv4CareOfAddress(coa), Ipv4HomeAddress(ipaddress.IPv4Address("0.0.0.0"))))
+
+
+def test_mn_ipv4_only_link_routes_then_the_bu_in_udp_announced():
+    log = Log()
+    mn = _mn4(log)
+    mn.moved(Location("away", "v4nat", PRIV, "192.168.1.1"), 10.0)
+    assert log.index_of("home.leave") < log.index_of("routes.away_ipv4") < log.index_of("send")
+    assert log[log.index_of("routes.away_ipv4")][1:] == (str(HOA), str(HA), 1398)
+    assert not any(e[0] in ("routes.away", "announce") for e in log)  # no IPv6 on that link
+    (_, bu, dst, src, expecting, pending), = _sent(log)
+    assert (dst, src, expecting, pending) == (HA, HOA, True, PRIV.packed)  # the BU from the HoA, via the new CoA
+    assert find_option(bu.options, Ipv4CareOfAddress).coa == PRIV
+    (sent,) = [e[2] for e in log if e[0] == "trace" and e[1] == "bu-sent"]
+    assert sent["outer"] == f"udp {PRIV} -> {HA4}:4191"
+    assert mn.history == deque() and mn.counters["bu_sent_udp"] == 1
+
+
+def test_mn_ba_with_nat_detection_moves_data_into_udp_and_configures_the_ipv4_hoa():
+    log = Log()
+    mn = _mn4(log)
+    mn.moved(Location("away", "v4nat", PRIV, "192.168.1.1"), 10.0)
+    ba = BindingAck(0, seq=100, lifetime=15, options=(NatDetection(False, 110), Ipv4AddressAck(0, 32, HOA4)))
+    mn.received(ba, HA, HOA, 10.02)
+    assert mn.tunnel.coa == PRIV.packed and mn.tunnel.udp_encap  # NAT: data in UDP (Req #3: only now)
+    assert ("routes.ipv4_home", str(HOA4), 1398) in log and mn.ipv4_hoa == HOA4
+    (h,) = mn.history
+    assert (h["coa"], h["nat_detected"], h["udp_encap"], h["keepalive"]) == (str(PRIV), True, True, 110)
+    (reg,) = [e[2] for e in log if e[0] == "trace" and e[1] == "registered"]
+    assert reg["nat"] and "NAT detected: data in UDP" in reg["detail"]
+    st = mn.status(10.1)
+    assert st["ipv4_hoa"] == str(HOA4) and st["bul"]["binding"]["nat_detected"]
+
+
+def test_mn_static_ipv4_hoa_is_configured_from_the_start():
+    log = Log()
+    mn = _mn4(log)
+    mn.start_ipv4_home(HOA4)
+    assert log == [("routes.ipv4_home", str(HOA4), 1398)]
+
+
+def test_ha_bu_from_udp_gets_its_record_and_the_ba_goes_back_in_udp():
+    log = Log()
+    ha = _ha4(log)
+    ha.start()
+    assert ("home.serve_ipv4", HOA4) in log and ha.table.home_of(HOA4.packed) == HOA.packed
+    # Req #4 before IPsec: the datagram's outer endpoint recorded (the IPv6 packet inside is ESP)
+    esp = push_ipv6_header(HOA.packed, HA.packed, 50, 24) + (0x1001).to_bytes(4, "big") + (9).to_bytes(4, "big") + bytes(16)
+    assert ha.tunnel.inbound_udp(esp, NAT, 41000, 5.0) == esp
+    log.clear()
+    ha.received(_bu4(9, PRIV), HOA, HA, 5.01)  # ... after IPsec: the authenticated BU claims it
+    entry = ha.cache.lookup(HOA)
+    assert (str(entry.udp_source.address), entry.udp_source.port, entry.nat_detected) == (NAT, 41000, True)
+    assert log.index_of("routes.apply") < log.index_of("send")
+    (_, ack, dst, _, ba_dst), = _sent(log)
+    assert ack.status == 0 and dst == HOA and ba_dst[HOA.packed].text() == f"udp {NAT}:41000"
+    assert ha.table.lookup(HOA.packed).text() == f"udp {NAT}:41000"  # data to the NAT's address and port
+    (received,) = [e[2] for e in log if e[0] == "trace" and e[1] == "bu-received"]
+    assert received["outer"] == f"udp {NAT}:41000" and "(NAT)" in received["detail"]
+    (b,) = ha.status(5.1)["bindings"]
+    assert (b["udp_source"], b["nat_detected"], b["ipv4_hoa"]) == (f"{NAT}:41000", True, str(HOA4))
+
+
+def test_ha_udp_bu_without_a_record_is_answered_174_where_nobody_hears():
+    log = Log()
+    ha = _ha4(log)
+    ha.received(_bu4(9, PRIV), HOA, HA, 5.0)  # no datagram recorded: no outer address, no binding
+    assert ha.cache.lookup(HOA) is None
+    (_, ack, dst, _, ba_dst), = _sent(log)
+    assert ack.status == BaStatus.INVALID_COA and not ba_dst  # 174, and no UDP path to send it on
+
+
+def test_ha_static_ipv4_hoa_stays_served_at_home_a_pool_one_does_not():
+    for static in (True, False):
+        log = Log()
+        ha = _ha4(log, static=static)
+        ha.start()
+        esp = push_ipv6_header(HOA.packed, HA.packed, 50, 24) + (0x1001).to_bytes(4, "big") + bytes(20)
+        ha.tunnel.inbound_udp(esp, str(PRIV), 41000, 5.0)
+        ha.received(_bu4(9, PRIV), HOA, HA, 5.01)
+        assert ha.table.home_of(HOA4.packed) == HOA.packed
+        log.clear()
+        ha.received(_bu(10, HOA, lifetime=0), HOA, HA, 9.0)  # de-registration
+        assert (ha.table.home_of(HOA4.packed) == HOA.packed) is static
+        assert (("home.release_ipv4", HOA4) in log) is not static
+
+
 # --- MN and HA wired together in memory ------------------------------------------------------------------------
 
 
@@ -492,6 +649,23 @@ def test_trace_records_are_the_engines_format(tmp_path):
     assert not trace.on and not path.exists()
 
 
+def test_trace_records_carry_the_outer_path_decap_only_at_all(tmp_path):
+    bu = TunnelTrace("out", ClassifyMode.HEURISTIC, Kind.SIGNAL, Reason.DIFFERS_FROM_DATA, 0x1001, HOA.packed,
+                     PRIV.packed, outer=f"udp {HA4}:4191")
+    commit = TunnelTrace("in", ClassifyMode.API, Kind.COMMIT, Reason.RECORD_SEQ, 0x1001, HOA.packed, PRIV.packed,
+                         outer=f"udp {NAT}:41000")
+    decap = TunnelTrace("in", ClassifyMode.API, Kind.DECAP, None, 0x1008, HOA.packed, PRIV.packed, outer="udp x:4191")
+    trace, path = _trace(tmp_path, TraceLevel.DROPS)
+    for t in (bu, decap, commit):
+        trace.tunnel(t)
+    trace.close()
+    a, b = _records(path)  # the per-packet decapsulation only at level "all"
+    assert (a["kind"], a["mode"], a["why"], a["coa"], a["outer"], a["spi"]) == (
+        "signal", "heuristic", "differs-from-data", str(PRIV), f"udp {HA4}:4191", 0x1001)
+    assert (b["kind"], b["why"], b["outer"]) == ("commit", "record-seq", f"udp {NAT}:41000")
+    assert f"outer udp {NAT}:41000" in b["detail"]
+
+
 # --- home-link routes -----------------------------------------------------------------------------------------
 
 
@@ -527,6 +701,44 @@ def test_ha_home_link_rules_send_forwarded_packets_into_the_tunnel():
         "ip -6 rule del pref 1001 to 2001:db8:1::100/128 lookup 202",
         "ip -6 rule del pref 1000 iif lo to 2001:db8:1::100/128 lookup main",
         "ip -6 route del default dev mip6tnl table 202",
+    ]
+
+
+def test_ha_ipv4_home_address_routes_have_the_inner_mtu():
+    run = Runner()
+    home = HaHomeLink("mip6tnl", "home", run, inner_mtu=1398)
+    home.serve_ipv4(HOA4)
+    home.serve_ipv4(HOA4)  # idempotent
+    home.release_ipv4(HOA4)
+    assert run.commands == ["ip -4 route replace 198.18.1.100/32 dev mip6tnl mtu 1398",
+                            "ip -4 route del 198.18.1.100/32 dev mip6tnl"]
+
+
+def test_mn_routes_on_an_ipv4_link_and_for_the_ipv4_home_address():
+    run = Runner()
+    routes = MnRoutes("mip6tnl", run)
+    routes.away_ipv4(str(HOA), str(HA), 1398)
+    routes.ipv4_home(str(HOA4), 1398)
+    routes.ipv4_home(str(HOA4), 1398)  # idempotent
+    assert run.commands == [
+        "ip -6 addr add 2001:db8:1::100/128 dev mip6tnl nodad",
+        "ip -6 route replace 2001:db8:1::1/128 dev mip6tnl",
+        "ip -6 route replace default dev mip6tnl metric 1 mtu 1398",
+        "ip -6 route replace unreachable default table 201",  # an old IPv6 CoA's data: no path here
+        "ip -4 addr add 198.18.1.100/32 dev mip6tnl",
+        "ip -4 route replace default dev mip6tnl table 203 mtu 1398",
+        "ip -4 rule add pref 1000 from 198.18.1.100/32 lookup 203",
+    ]
+    run.commands.clear()
+    routes.away(str(HOA), str(HA), "v1", "fe80::1", 1398)  # back on an IPv6 link: only the link route
+    routes.home()  # the IPv4 home address stays (the tunnel SA runs at home too)
+    assert run.commands == [
+        "ip -6 route del unreachable default table 201",
+        "ip -6 route replace default via fe80::1 dev v1 table 201",
+        "ip -6 route del default via fe80::1 dev v1 table 201",
+        "ip -6 route del default dev mip6tnl metric 1",
+        "ip -6 route del 2001:db8:1::1/128 dev mip6tnl",
+        "ip -6 addr del 2001:db8:1::100/128 dev mip6tnl",
     ]
 
 

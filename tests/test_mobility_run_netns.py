@@ -54,9 +54,12 @@ def snapshot(bed: Testbed, node: str) -> dict[str, str]:
         "rules": run("ip", "-6", "rule"),
         "routes": run("ip", "-6", "route", "show", "table", "all"),
         "addresses": run("ip", "-6", "-br", "addr"),
+        "rules4": run("ip", "-4", "rule"),  # DSMIPv6: the IPv4 home address's source rule, routes
+        "routes4": run("ip", "-4", "route", "show", "table", "all"),
+        "addresses4": run("ip", "-4", "-br", "addr"),
         "links": run("ip", "-br", "link"),
         "proxy": run("ip", "-6", "neigh", "show", "proxy"),
-        "sysctl": run("sysctl", "net.ipv6.conf.all.forwarding", "net.ipv6.conf.home.proxy_ndp"),
+        "sysctl": run("sysctl", "net.ipv6.conf.all.forwarding", "net.ipv6.conf.home.proxy_ndp", "net.ipv4.ip_forward"),
         "firewall": ruleset_snapshot(bed.ns(node)),
     }
 
@@ -94,6 +97,7 @@ def test_sigterm_leaves_nothing_behind(bed, node):
     running = snapshot(bed, node)
     assert "mip6tnl" in running["links"] and "MIPBITS-MIP-IN" in running["firewall"]
     assert running["rules"] != before["rules"]  # policy rules while it runs
+    assert "198.18.1.100" in (running["rules4"] if node == "mn" else running["routes4"])  # the IPv4 HoA
     bed.stop(f"mipbits-{node}")  # SIGTERM
     assert wait_gone(pid) and wait_gone(child)
     assert snapshot(bed, node) == before
