@@ -465,7 +465,9 @@ class MobilityTrace:
     """Mobility records in the node's trace file (the same JSON Lines as the engine's, component
     ``mobility``; the engine child writes to the same file). Control-plane decisions are written at
     level ``drops`` and up; the tunnel module's classification of every packet only at ``all``
-    (at ``drops``: signalling, Home Address options, Packet Too Big and drops)."""
+    (at ``drops``: signalling -- BUs/BAs with the outer path chosen or recorded, the record a BU
+    was given (commit) --, Home Address options, Packet Too Big and drops; per-packet data, plain
+    and decapsulation records only at ``all``)."""
 
     def __init__(self, settings: TraceSettings) -> None:
         self.writer = open_trace_writer(settings)
@@ -480,7 +482,7 @@ class MobilityTrace:
             self.writer.write(make_record(event, "mobility", None, fields))
 
     def tunnel(self, t: TunnelTrace) -> None:
-        if self.writer is None or not (self.all or t.drop is not None or t.kind.value not in ("data", "plain")):
+        if self.writer is None or not (self.all or t.drop is not None or t.kind.value not in ("data", "plain", "decap")):
             return
         d = t.to_dict()
         fields = {"direction": d["direction"], "reason": d["drop"], "spi": t.spi, "mode": d["mode"],
