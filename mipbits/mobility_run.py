@@ -932,7 +932,7 @@ class NodeRuntime:
         except OSError as exc:  # ENOBUFS: events were lost; start again from a dump
             LOG.warning("netlink: %s; dumping again", exc)
             self.net = NetState()
-            self.net.apply(dump())
+            self.net.apply(dump(ipv4=self.settings.dsmipv6))
         self._relocate(time.monotonic())
 
     def _relocate(self, now: float) -> None:

@@ -40,7 +40,6 @@ from typing import Any, Protocol
 
 from .binding import (
     BindingCache,
-    Ipv4Endpoint,
     BindingCacheEntry,
     BindingCreated,
     BindingDeleted,
@@ -49,6 +48,7 @@ from .binding import (
     BindingUpdateDiscarded,
     BindingUpdateRejected,
     DeleteReason,
+    Ipv4Endpoint,
     SendBindingRefreshRequest,
 )
 from .bul import (
@@ -297,7 +297,7 @@ class MobileNode:
             # Req #3: data moves to the new CoA now; in UDP or IPv6-in-IPv4 as the BA said
             self.tunnel.binding_acknowledged(ev.coa, udp_encap=ev.udp_encap)
             how = "" if ev.coa.version == 6 else (
-                f", NAT detected: data in UDP" if ev.nat_detected else
+                ", NAT detected: data in UDP" if ev.nat_detected else
                 (", data in UDP (F)" if ev.udp_encap else ", no NAT: data IPv6-in-IPv4"))
             self.trace("registered", {"coa": str(ev.coa), "lifetime": ev.lifetime, "nat": ev.nat_detected,
                                       "udp_encap": ev.udp_encap,
