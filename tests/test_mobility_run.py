@@ -9,6 +9,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import shutil
+import socket
+import struct
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +26,8 @@ from mobility.binding import BindingCache, HomeAgentConfig
 from mobility.bul import BindingUpdateList, MnState, MobileNodeConfig
 from mobility.constants import BaStatus, BuFlag
 from mobility.io.homelink import HaHomeLink, MnHomeLink
+from mobility.io.netlink import RTM_NEWADDR, LinkEvent, NetState, locate, parse_messages
+from mobility.io.netlink import Location as NetLocation
 from mobility.io.routes import MnRoutes, RoutesError
 from mobility.mh import BindingAck, BindingUpdate, pull_mh, push_mh
 from mobility.node import HomeAgent, Location, MobileNode
@@ -469,6 +473,25 @@ def _ha4(log: Log, static: bool = True) -> HomeAgent:
 def _bu4(seq: int, coa: ipaddress.IPv4Address, lifetime: int = 15) -> BindingUpdate:
     return BindingUpdate(seq, BuFlag.A | BuFlag.H, lifetime,
                          (Ipv4CareOfAddress(coa), Ipv4HomeAddress(ipaddress.IPv4Address("0.0.0.0"))))
+
+
+def test_movement_detection_sees_ipv4_only_and_dual_stack_links():
+    def addr(index, text, plen=24):
+        a = ipaddress.ip_address(text)
+        family = socket.AF_INET if a.version == 4 else socket.AF_INET6
+        body = struct.pack("=BBBBI", family, plen, 0, 0, index)
+        attr = struct.pack("=HH", 4 + len(a.packed), 2 if a.version == 4 else 1) + a.packed
+        return struct.pack("=IHHII", 16 + len(body) + len(attr), RTM_NEWADDR, 0, 0, 0) + body + attr
+
+    data = addr(3, "192.168.1.100") + addr(4, "203.0.113.100") + addr(4, "2001:db8:a4::1", 64) + addr(4, "fe80::1", 64)
+    assert [e.address for e in parse_messages(data)] == [A("2001:db8:a4::1"), A("fe80::1")]  # IPv4 unasked
+    state = NetState()
+    state.apply([LinkEvent(2, "home", False), LinkEvent(3, "v4nat", True), LinkEvent(4, "dual", True),
+                 *parse_messages(data, ipv4=True)])
+    assert locate(state, ["home", "v4nat", "dual"], "2001:db8:1::/64") == NetLocation(
+        "away", "v4nat", ipaddress.IPv4Address("192.168.1.100"))  # IPv4 only: an IPv4 CoA
+    assert locate(state, ["dual", "v4nat"], "2001:db8:1::/64") == NetLocation(
+        "away", "dual", A("2001:db8:a4::1"), ipaddress.IPv4Address("203.0.113.100"))  # both (RFC 5555 4.4.1)
 
 
 def test_mn_ipv4_only_link_routes_then_the_bu_in_udp_announced():
