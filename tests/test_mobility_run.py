@@ -67,16 +67,26 @@ MN_OK = ('hoa = "2001:db8:1::100"\nhome_agent = "2001:db8:1::1"\nhome_prefix = "
 HA_OK = 'address = "2001:db8:1::1"\nhome_prefix = "2001:db8:1::/64"\nhome_interface = "home"\n'
 
 
-def test_the_testbed_examples_parse():
-    mn = mobility_settings(load_node_config(EXAMPLES / "mn.toml"))
+@pytest.fixture()
+def examples(tmp_path):
+    """A copy of examples/testbed as installed: git keeps no file modes, key files must be 0600."""
+    dst = tmp_path / "examples"
+    shutil.copytree(EXAMPLES, dst)
+    for key_file in dst.glob("*.setkey"):
+        key_file.chmod(0o600)
+    return dst
+
+
+def test_the_testbed_examples_parse(examples):
+    mn = mobility_settings(load_node_config(examples / "mn.toml"))
     assert (mn.hoa, mn.ha, mn.interfaces, mn.lifetime, mn.mode) == (
         HOA, HA, ("home", "v1", "v2", "v4nat", "v4pub"), 60, "api")
     assert (str(mn.ha_ipv4), str(mn.ipv4_hoa), mn.dsmipv6, mn.ipv4_home) == ("198.51.100.2", "198.18.1.100", True, True)
-    ha = mobility_settings(load_node_config(EXAMPLES / "ha.toml"))
+    ha = mobility_settings(load_node_config(examples / "ha.toml"))
     assert (ha.address, ha.home_interface, ha.mobile_nodes, ha.hook_queue) == (HA, "home", (HOA,), 7)
     assert str(ha.ipv4_address) == "198.51.100.2" and ha.nat_refresh_time == 110 and ha.ipv4_home
     assert [(str(h), str(a)) for h, a in ha.ipv4_static] == [(str(HOA), "198.18.1.100")]
-    assert mtu_plan(load_node_config(EXAMPLES / "mn.toml"), mn).device_mtu == 1500 - 28  # IPv4 + UDP reserved
+    assert mtu_plan(load_node_config(examples / "mn.toml"), mn).device_mtu == 1500 - 28  # IPv4 + UDP reserved
 
 
 def test_mode_from_the_command_line_wins(tmp_path):
@@ -133,8 +143,8 @@ def test_a_missing_section_is_an_error(tmp_path):
         mobility_settings(load_node_config(path))
 
 
-def test_mtu_plan_follows_the_payload_transform(tmp_path):
-    cfg = load_node_config(EXAMPLES / "mn.toml")
+def test_mtu_plan_follows_the_payload_transform(tmp_path, examples):
+    cfg = load_node_config(examples / "mn.toml")
     assert mtu_plan(cfg, mobility_settings(cfg)).inner_mtu == 1398  # AES-GCM, DSMIPv6 (docs/dsmipv6.md)
     ipv6_only = load_node_config(_node(tmp_path, "mn", MN_OK))
     assert mtu_plan(ipv6_only, mobility_settings(ipv6_only)).inner_mtu == 1402  # AES-GCM (docs/tunnel.md)
