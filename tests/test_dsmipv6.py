@@ -69,41 +69,16 @@ from mobility.udp4191 import (
     push_udp4,
     udp_path,
 )
+from tests.mipv6_sas import HA_SPD, MN_SPD, SAS, SPI_BA, SPI_BU, SPI_HA_DATA, SPI_MN_DATA
+from tests.mipv6_sas import key as _key
 
 HOA, HA, CN = "2001:db8:1::100", "2001:db8:1::1", "2001:db8:c::1"
 HA4 = "203.0.113.1"
 PRIV, NAT_PUB, PUB = "192.168.1.100", "203.0.113.2", "198.51.100.100"
 ATTACKER = "203.0.113.66"
 MN_PORT = 40000
-SPI_BU, SPI_BA, SPI_MN_DATA, SPI_HA_DATA = 0x1001, 0x1002, 0x1007, 0x1008
 
 
-def _key(n: int) -> str:
-    return "0x" + f"{n:02x}" * 20
-
-
-SAS = f"""
-add {HOA} {HA} esp {SPI_BU:#x} -m transport -u 1 -E aes-gcm-16 {_key(1)};
-add {HA} {HOA} esp {SPI_BA:#x} -m transport -u 2 -E aes-gcm-16 {_key(2)};
-add {HOA} {HA} esp {SPI_MN_DATA:#x} -m tunnel -u 7 -E aes-gcm-16 {_key(7)};
-add {HA} {HOA} esp {SPI_HA_DATA:#x} -m tunnel -u 8 -E aes-gcm-16 {_key(8)};
-"""
-MN_SPD = f"""
-spdadd {HOA} {HA} mh bu -P out ipsec esp/transport//unique:1;
-spdadd {HA} {HOA} mh ba -P in ipsec esp/transport//unique:2;
-spdadd {HOA} ::/0 any -P out ipsec esp/tunnel/{HOA}-{HA}/unique:7;
-spdadd ::/0 {HOA} any -P in ipsec esp/tunnel/{HA}-{HOA}/unique:8;
-spddefault out bypass;
-spddefault in bypass;
-"""
-HA_SPD = f"""
-spdadd {HA} {HOA} mh ba -P out ipsec esp/transport//unique:2;
-spdadd {HOA} {HA} mh bu -P in ipsec esp/transport//unique:1;
-spdadd ::/0 {HOA} any -P out ipsec esp/tunnel/{HA}-{HOA}/unique:8;
-spdadd {HOA} ::/0 any -P in ipsec esp/tunnel/{HOA}-{HA}/unique:7;
-spddefault out bypass;
-spddefault in bypass;
-"""
 
 
 def _rand() -> Callable[[int], bytes]:

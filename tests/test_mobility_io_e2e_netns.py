@@ -43,6 +43,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.mipv6_sas import SAS, SPI_BA, SPI_BU, SPI_HA_DATA, SPI_MN_DATA
+from tests.mipv6_sas import key as _key
 
 pytestmark = pytest.mark.netns
 
@@ -56,16 +58,6 @@ if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("ip6tables") 
     pytest.skip("needs root, ip and ip6tables", allow_module_level=True)
 
 
-def _key(n: int) -> str:
-    return "0x" + f"{n:02x}" * 20
-
-
-SAS = f"""
-add {HOA} {HA} esp 0x1001 -m transport -u 1 -E aes-gcm-16 {_key(1)};
-add {HA} {HOA} esp 0x1002 -m transport -u 2 -E aes-gcm-16 {_key(2)};
-add {HOA} {HA} esp 0x1007 -m tunnel -u 7 -E aes-gcm-16 {_key(7)};
-add {HA} {HOA} esp 0x1008 -m tunnel -u 8 -E aes-gcm-16 {_key(8)};
-"""
 SPD = {
     "mn": f"""
 spdadd {HOA} {HA} mh bu -P out ipsec esp/transport//unique:1;

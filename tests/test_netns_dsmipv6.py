@@ -53,6 +53,8 @@ import pytest
 from bits.io.control import control_request
 from bits.io.pcap import read_pcap
 from tests.netns import Topology, have_netns, nstool, wait_until
+from tests.mipv6_sas import SAS, SPI_BA, SPI_BU, SPI_HA_DATA, SPI_MN_DATA
+from tests.mipv6_sas import key as _key
 
 pytestmark = pytest.mark.netns
 
@@ -62,20 +64,9 @@ HA4, HA_PUB = "203.0.113.1", "198.51.100.1"
 NAT_WAN, NAT_PRIV = "203.0.113.2", "192.168.1.1"
 PRIV, PUB = "192.168.1.100", "198.51.100.100"
 MN_PORT = 40000
-SPI_BU, SPI_BA, SPI_MN_DATA, SPI_HA_DATA = 0x1001, 0x1002, 0x1007, 0x1008
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _key(n: int) -> str:
-    return "0x" + f"{n:02x}" * 20
-
-
-SAS = f"""
-add {HOA} {HA} esp {SPI_BU:#x} -m transport -u 1 -E aes-gcm-16 {_key(1)};
-add {HA} {HOA} esp {SPI_BA:#x} -m transport -u 2 -E aes-gcm-16 {_key(2)};
-add {HOA} {HA} esp {SPI_MN_DATA:#x} -m tunnel -u 7 -E aes-gcm-16 {_key(7)};
-add {HA} {HOA} esp {SPI_HA_DATA:#x} -m tunnel -u 8 -E aes-gcm-16 {_key(8)};
-"""
 SPD = {
     "mn": f"""
 spdadd {HOA} {HA} mh bu -P out ipsec esp/transport//unique:1;
