@@ -319,7 +319,7 @@ unknown = bytearray(captured); unknown[40:44] = (0xDEAD).to_bytes(4, "big")
 forged = bytearray(captured)
 forged[44:48] = (int.from_bytes(captured[44:48], "big") + 1000).to_bytes(4, "big")  # ahead of the window
 forged[-1] ^= 1  # and the ICV broken
-for payload in (os.urandom(80), captured[:45], b"\xff", bytes(unknown), captured, bytes(forged)):
+for payload in (b"\x00" + os.urandom(79), captured[:45], b"\xff", bytes(unknown), captured, bytes(forged)):  # random, not IP
     s.sendto(payload, (ha4, 4191))
 print("sent", flush=True)
 '''
