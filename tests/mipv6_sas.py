@@ -33,3 +33,27 @@ spdadd {HOA} ::/0 any -P in ipsec esp/tunnel/{HOA}-{HA}/unique:7;
 spddefault out bypass;
 spddefault in bypass;
 """
+
+SPD = {"mn": MN_SPD, "ha": HA_SPD}
+LOCAL = {"mn": HOA, "ha": HA}
+
+#: An engine process for the namespace tests: rules, NFQUEUE processor, setkey text; argv: NODE.toml,
+#: setkey file, local addresses (comma-separated).
+ENGINE = r'''
+import os, sys, time
+from bits.engine import build_engine
+from bits.setkey import parse_setkey
+from bits.io.iptables import rules_install, rules_remove
+from bits.io.nfqueue import run_processor
+from mipbits.nodeconfig import load_node_config
+
+cfg = load_node_config(sys.argv[1])
+text = open(sys.argv[2]).read()
+local = sys.argv[3].split(",")
+rules_install(cfg)
+try:
+    run_processor(cfg, lambda tracer, direction: build_engine(
+        parse_setkey(text, local_addresses=local), rand=os.urandom, now=time.monotonic(), tracer=tracer))
+finally:
+    rules_remove(cfg)
+'''

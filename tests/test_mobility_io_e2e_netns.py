@@ -43,8 +43,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.mipv6_sas import SAS, SPI_BA, SPI_BU, SPI_HA_DATA, SPI_MN_DATA
-from tests.mipv6_sas import key as _key
+from tests.mipv6_sas import ENGINE, LOCAL, SAS, SPD, SPI_BA, SPI_BU, SPI_HA_DATA, SPI_MN_DATA
 
 pytestmark = pytest.mark.netns
 
@@ -58,44 +57,7 @@ if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("ip6tables") 
     pytest.skip("needs root, ip and ip6tables", allow_module_level=True)
 
 
-SPD = {
-    "mn": f"""
-spdadd {HOA} {HA} mh bu -P out ipsec esp/transport//unique:1;
-spdadd {HA} {HOA} mh ba -P in ipsec esp/transport//unique:2;
-spdadd {HOA} ::/0 any -P out ipsec esp/tunnel/{HOA}-{HA}/unique:7;
-spdadd ::/0 {HOA} any -P in ipsec esp/tunnel/{HA}-{HOA}/unique:8;
-spddefault out bypass;
-spddefault in bypass;
-""",
-    "ha": f"""
-spdadd {HA} {HOA} mh ba -P out ipsec esp/transport//unique:2;
-spdadd {HOA} {HA} mh bu -P in ipsec esp/transport//unique:1;
-spdadd ::/0 {HOA} any -P out ipsec esp/tunnel/{HA}-{HOA}/unique:8;
-spdadd {HOA} ::/0 any -P in ipsec esp/tunnel/{HOA}-{HA}/unique:7;
-spddefault out bypass;
-spddefault in bypass;
-""",
-}
-LOCAL = {"mn": HOA, "ha": HA}
 
-ENGINE = r'''
-import os, sys, time
-from bits.engine import build_engine
-from bits.setkey import parse_setkey
-from bits.io.iptables import rules_install, rules_remove
-from bits.io.nfqueue import run_processor
-from mipbits.nodeconfig import load_node_config
-
-cfg = load_node_config(sys.argv[1])
-text = open(sys.argv[2]).read()
-local = sys.argv[3].split(",")
-rules_install(cfg)
-try:
-    run_processor(cfg, lambda tracer, direction: build_engine(
-        parse_setkey(text, local_addresses=local), rand=os.urandom, now=time.monotonic(), tracer=tracer))
-finally:
-    rules_remove(cfg)
-'''
 
 MOBILITY = r'''
 import ipaddress, json, os, select, signal, sys, time
