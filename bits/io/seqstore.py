@@ -58,20 +58,24 @@ class FileSeqReserver:
             raise SeqStoreError(f"bad SA id {sa_id!r}")
         return os.path.join(self.state_dir, sa_id + suffix)
 
-    def load(self, sa_id: str) -> int:
-        path = self._path(sa_id)
+    @staticmethod
+    def _read_number(path: str, pattern: re.Pattern[bytes], what: str) -> int:
+        """The number stored at ``path`` (0 if there is no file); SeqStoreError if unreadable or
+        corrupt: a counter must never silently restart at 0."""
         try:
             with open(path, "rb") as f:
                 data = f.read(64)
         except FileNotFoundError:
-            mark = 0
+            return 0
         except OSError as exc:
             raise SeqStoreError(f"{path}: {exc.strerror}") from exc
-        else:
-            m = _MARK.fullmatch(data)
-            if m is None or int(m.group(1)) > _MAX_MARK:
-                raise SeqStoreError(f"{path}: corrupt sequence reservation")
-            mark = int(m.group(1))
+        m = pattern.fullmatch(data)
+        if m is None or int(m.group(1)) > _MAX_MARK:
+            raise SeqStoreError(f"{path}: corrupt {what}")
+        return int(m.group(1))
+
+    def load(self, sa_id: str) -> int:
+        mark = self._read_number(self._path(sa_id), _MARK, "sequence reservation")
         self._marks[sa_id] = max(mark, self._marks.get(sa_id, 0))
         return self._marks[sa_id]
 
@@ -92,19 +96,7 @@ class FileSeqReserver:
     # --- inbound right edges (bits.seqstore.ReplayStore) --------------------------------------
 
     def load_top(self, rx_id: str) -> int:
-        path = self._path(rx_id, ".replay")
-        try:
-            with open(path, "rb") as f:
-                data = f.read(64)
-        except FileNotFoundError:
-            top = 0
-        except OSError as exc:
-            raise SeqStoreError(f"{path}: {exc.strerror}") from exc
-        else:
-            m = _TOP.fullmatch(data)
-            if m is None or int(m.group(1)) > _MAX_MARK:
-                raise SeqStoreError(f"{path}: corrupt replay-window record")
-            top = int(m.group(1))
+        top = self._read_number(self._path(rx_id, ".replay"), _TOP, "replay-window record")
         self._tops[rx_id] = max(top, self._tops.get(rx_id, 0))
         return self._tops[rx_id]
 
